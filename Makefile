@@ -1,0 +1,34 @@
+# Each target creates .venv and installs what it needs on a fresh machine.
+# torch is pinned to a CPU build (2.13.0 lies on this workplace's disk; elsewhere pip fetches it).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-all demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/cpt demo
+
+lint: install
+	$(BIN)/ruff check cpt tests benchmarks scripts
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs

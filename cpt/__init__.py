@@ -1,0 +1,28 @@
+"""cpt: continual pre-training of Llama-family models with experience replay and Reptile/MER.
+
+The Python API the CLI wraps:
+
+    import cpt
+    summary = cpt.train("examples/tiny.yaml", out="runs/tiny")
+    print(summary["loss_matrix"], summary["forgetting_score"])
+"""
+
+from cpt.errors import CptError
+
+__version__ = "0.1.0"
+
+
+def train(config, out, **kwargs) -> dict:
+    """Run a config (a path or a `cpt.config.RunConfig`) into `out`; returns the summary dict."""
+    from cpt.train.loop import train as _train
+
+    return _train(config, out, **kwargs)
+
+
+def load_config(path, overrides=None):
+    from cpt.config import load_config as _load
+
+    return _load(path, overrides)
+
+
+__all__ = ["CptError", "train", "load_config", "__version__"]

@@ -1,0 +1,139 @@
+"""Command line: thin wrappers over the Python API; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cpt.errors import CptError
+
+EXAMPLES = """\
+examples:
+  cpt demo                                   the bundled 5-language comparison (CPU, offline)
+  cpt train examples/tiny.yaml --out runs/tiny
+  cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6 --out runs/a
+  cpt train --resume runs/a                  continue from the latest checkpoint
+  cpt eval runs/a                            re-evaluate checkpoints/final on every task
+  cpt report runs/a runs/b --out report/     Markdown + HTML report with plots
+  cpt config-reference > docs/config.md      every config key
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpt",
+        description="Continual pre-training of Llama-family models with experience replay and Reptile/MER.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train over the config's task sequence", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", nargs="?", help="run YAML (not needed with --resume)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=3e-4 tasks.1.tokens=2e6")
+    t.add_argument("--out", help="run directory (default: runs/<config name>)")
+    t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+    e = sub.add_parser("eval", help="re-evaluate a saved checkpoint on every task")
+    e.add_argument("run_dir")
+    e.add_argument("--checkpoint", default="final", help="checkpoint name under RUN_DIR/checkpoints (default: final)")
+
+    r = sub.add_parser("report", help="write report.md / report.html with plots for one or more runs")
+    r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--out", required=True)
+    r.add_argument("--title", default="cpt report")
+
+    d = sub.add_parser("demo", help="the bundled 5-language comparison of strategies, then a report")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
+    d.add_argument("--overwrite", action="store_true", help="re-run strategies that already finished")
+
+    sub.add_parser("config-reference", help="print the reference of every config key (Markdown)")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from cpt.train.loop import ensure_threads, train
+
+    ensure_threads()
+    if args.resume is not None:
+        run_dir = args.resume or args.out
+        if not run_dir:
+            raise CptError("--resume needs a run directory: cpt train --resume RUN_DIR")
+        overrides = ([args.config] if args.config else []) + args.overrides
+        if overrides:
+            raise CptError("--resume continues the run with its saved config; overrides are not allowed")
+        summary = train(None, run_dir, resume=True)
+    else:
+        if not args.config:
+            raise CptError("cpt train: a config file is required (or --resume RUN_DIR)")
+        out = args.out or str(Path("runs") / Path(args.config).stem)
+        summary = train(args.config, out, overrides=args.overrides, overwrite=args.overwrite)
+        run_dir = out
+    print(json.dumps({k: summary[k] for k in ("loss_matrix", "forgetting_score", "learned_loss", "avg_final_loss")}, indent=1))
+    print(f"summary: {Path(run_dir) / 'summary.json'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from cpt.train.loop import ensure_threads, evaluate_checkpoint
+
+    ensure_threads()
+    losses = evaluate_checkpoint(args.run_dir, args.checkpoint)
+    for name, value in losses.items():
+        print(f"{name}\t{value:.4f}")
+    out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
+    out.write_text(json.dumps(losses, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from cpt.report import write_report
+
+    files = write_report([Path(p) for p in args.run_dirs], Path(args.out), title=args.title)
+    for name in ("report.md", "report.html"):
+        if name in files:
+            print(f"written: {files[name]}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from cpt.demo import run_demo
+    from cpt.train.loop import ensure_threads
+
+    ensure_threads()
+    run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "config-reference":
+            from cpt.config import reference_markdown
+
+            print(reference_markdown())
+            return 0
+    except CptError as err:
+        print(f"cpt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cpt: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Every knob of a cpt run, validated; the only place defaults live.
+
+A run is described by one YAML file whose sections mirror the pipeline: `tokenizer` → `tasks`
+(the ordered data distributions) → `model` → `training` / `optimizer` / `schedule` (the loop) →
+`replay` and `alignment` (the two continual-learning techniques) → `checkpoint` / `logging`.
+Unknown keys and out-of-range values are rejected with a one-line `CptError` that names the
+field; `docs/config.md` is generated from the field descriptions here (`cpt config-reference`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from cpt.errors import CptError
+
+
+def _to_count(value: Any) -> Any:
+    """Accept 2e6, "2e6" and "2_000_000" for integer budgets (YAML 1.1 reads 2e6 as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.replace("_", ""))
+        except ValueError:
+            return value
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return value
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_to_count)]
+Real = Annotated[float, BeforeValidator(_to_float)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    path: str | None = Field(
+        None,
+        description="A `tokenizer.json` file or an HF tokenizer directory. Empty: train a byte-level "
+        "BPE on the tasks' training splits (cached by content hash).",
+    )
+    vocab_size: Count = Field(8192, ge=256, le=1_000_000, description="Vocabulary size of a trained BPE.")
+    min_frequency: Count = Field(2, ge=1, description="Minimum pair frequency when training a BPE.")
+
+
+class TaskConfig(Section):
+    name: str = Field(..., min_length=1, description="Short task name used in tables and plots (e.g. `fr`).")
+    path: str = Field(
+        ...,
+        description="Training text: `.txt` (documents separated by a blank line; `.gz`/`.xz` allowed), "
+        "`.jsonl` (one JSON object per line with a text field), `.parquet`, or a directory written by "
+        "`datasets.Dataset.save_to_disk`. Relative paths are relative to the config file.",
+    )
+    tokens: Count = Field(..., gt=0, description="Budget of NEW training tokens for this task (replay comes on top).")
+    format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = Field("auto", description="Reader; `auto` picks by suffix.")
+    text_field: str = Field("text", description="Field / column holding the text (jsonl, parquet, hf).")
+    val_fraction: Real = Field(
+        0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation (fixed, never trained on)."
+    )
+
+
+class ModelConfig(Section):
+    preset: str = Field("tiny", description="Named shape from `cpt.model.PRESETS` (tiny, demo, paper-99m, paper-560m, paper-1b, paper-3b).")
+    init: str | None = Field(None, description="Local HF checkpoint directory to continue from (overrides `preset`).")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+
+class TrainingConfig(Section):
+    strategy: Literal["sequential", "joint"] = Field(
+        "sequential", description="`sequential`: tasks in order. `joint`: all tasks' data shuffled together for the same total budget."
+    )
+    seq_len: Count = Field(256, ge=8, le=131072, description="Tokens per training sequence.")
+    batch_size: Count = Field(8, ge=1, description="Sequences per micro-batch on each rank.")
+    grad_accum: Count = Field(1, ge=1, description="Micro-batches per optimizer step. Global batch = batch_size × ranks × grad_accum.")
+    lr: Real = Field(1e-3, gt=0, le=1.0, description="Peak learning rate.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs).")
+    compile: bool = Field(False, description="Wrap the model in `torch.compile`.")
+    eval_every: Count = Field(0, ge=0, description="Evaluate every task's held-out loss every N steps (0: only at task ends).")
+    eval_tokens: Count = Field(65536, ge=1, description="Held-out tokens per task per evaluation (a fixed set).")
+    eval_batch_size: Count = Field(16, ge=1, description="Sequences per evaluation forward pass.")
+    nan_skip: Count = Field(0, ge=0, description="Batches with a NaN/Inf loss to skip before stopping the run.")
+
+
+class OptimizerConfig(Section):
+    beta1: Real = Field(0.9, ge=0, lt=1, description="AdamW β1.")
+    beta2: Real = Field(0.95, ge=0, lt=1, description="AdamW β2.")
+    eps: Real = Field(1e-8, gt=0, description="AdamW ε.")
+    weight_decay: Real = Field(0.1, ge=0, description="Decoupled weight decay (not applied to norms and biases).")
+    clip: Real = Field(1.0, ge=0, description="Gradient-norm clip (0: off).")
+    reset_at_task: bool = Field(False, description="Clear the Adam moments at every task boundary.")
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "rewarm", "infinite", "wsd", "constant"] = Field(
+        "cosine",
+        description="`cosine`: warmup then one cosine to min_lr over all tasks (the paper's). `rewarm`: warmup + cosine "
+        "again in every task. `infinite`: warmup → cosine cooldown to constant_lr → constant → exponential anneal to "
+        "min_lr (Ibrahim et al. 2024). `wsd`: warmup → stable → linear decay. `constant`: warmup then constant.",
+    )
+    warmup: Real = Field(0.01, ge=0, lt=1, description="Warmup as a fraction of the steps it spans (all steps, or the task's for rewarm).")
+    min_lr: Real = Field(1e-4, ge=0, description="Final learning rate of cosine / rewarm / wsd / infinite.")
+    cooldown: Real = Field(0.1, ge=0, lt=1, description="infinite: fraction of all steps spent cooling down to constant_lr.")
+    constant_lr: Real | None = Field(None, gt=0, description="infinite: the constant phase's LR (default: half the peak).")
+    anneal: Real = Field(0.05, ge=0, lt=1, description="infinite: fraction of all steps for the final anneal.")
+    decay: Real = Field(0.2, ge=0, le=1, description="wsd: fraction of all steps for the final linear decay.")
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> ScheduleConfig:
+        if self.name == "infinite" and self.warmup + self.cooldown + self.anneal >= 1:
+            raise ValueError("schedule.warmup + schedule.cooldown + schedule.anneal must be < 1")
+        return self
+
+
+class BufferConfig(Section):
+    capacity: int | Literal["all"] = Field("all", description="Buffer size in `capacity_unit`s, or `all` to keep every sequence seen.")
+    capacity_unit: Literal["tokens", "sequences"] = Field("tokens", description="Unit of `capacity`.")
+    policy: Literal["reservoir", "balanced", "fifo"] = Field(
+        "reservoir", description="`reservoir`: uniform over all seen (Algorithm R). `balanced`: equal share per task. `fifo`: newest kept."
+    )
+    dir: str | None = Field(None, description="Keep the buffer here (reusable by a later run); default: inside the run directory.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _capacity_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "capacity" in data and data["capacity"] != "all":
+            data = dict(data)
+            data["capacity"] = _to_count(data["capacity"])
+        return data
+
+    @model_validator(mode="after")
+    def _positive(self) -> BufferConfig:
+        if self.capacity != "all" and self.capacity <= 0:
+            raise ValueError("replay.buffer.capacity must be > 0 or 'all'")
+        return self
+
+
+class ReplayConfig(Section):
+    rate: Real = Field(0.0, ge=0, lt=1, description="α: fraction of every batch drawn from the replay buffer (0: no replay).")
+    include_current: bool = Field(False, description="Also replay the current task's earlier sequences.")
+    task_weights: dict[str, Real] | None = Field(None, description="Sampling weight per task name (default: uniform over stored sequences).")
+    prefetch: bool = Field(True, description="Read replay rows in a background thread ahead of the step.")
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+
+
+class AlignmentConfig(Section):
+    method: Literal["none", "reptile"] = Field("none", description="`reptile`: Reptile meta-updates (efficient MER when combined with replay).")
+    k: Count = Field(500, gt=0, description="Optimizer steps between meta-updates.")
+    beta: Real = Field(0.5, gt=0, le=1, description="Meta step size: θ ← θ₀ + β·(θ − θ₀). β = 1 is plain training.")
+    anchor_device: Literal["same", "cpu"] = Field("same", description="Where the fp32 anchor θ₀ lives; `cpu` saves accelerator memory.")
+    probe_every: Count = Field(0, ge=0, description="Measure gradient cosine between the current task and earlier tasks every N steps (0: off).")
+    probe_batch_size: Count = Field(2, ge=1, description="Sequences per probe batch.")
+
+
+class CheckpointConfig(Section):
+    every: Count = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at task ends).")
+    keep: Count = Field(2, ge=1, description="Resumable checkpoints to keep (the newest).")
+    task_ends: bool = Field(True, description="Save an HF checkpoint at the end of every task (`checkpoints/task-<i>-<name>`).")
+
+
+class LoggingConfig(Section):
+    log_every: Count = Field(10, ge=1, description="Steps between train-loss lines in metrics.jsonl.")
+    progress: bool = Field(True, description="Progress bar per task.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to `<run>/tensorboard`.")
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="Run name for reports (default: the run directory's name).")
+    seed: Count = Field(0, ge=0, description="Seed for model init, data order, replay and every RNG.")
+    cache_dir: str | None = Field(None, description="Token and tokenizer cache (default: $CPT_CACHE or ~/.cache/cpt).")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tasks: list[TaskConfig] = Field(..., min_length=1, description="The ordered task sequence.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task names must be unique, got {names}")
+        if self.replay.task_weights:
+            unknown = sorted(set(self.replay.task_weights) - set(names))
+            if unknown:
+                raise ValueError(f"replay.task_weights: unknown task(s) {unknown}; tasks are {names}")
+        if self.training.strategy == "joint" and self.replay.rate > 0:
+            raise ValueError("replay.rate: joint training sees all tasks at once; replay must be 0")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; `cpt config-reference` lists every key)"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.lr=3e-4` → (["training", "lr"], 3e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise CptError(f"override {text!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise CptError(f"override {text!r}: empty key segment")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return parts, _to_float(value) if isinstance(value, str) else value
+
+
+def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise CptError(f"override {text!r}: {'.'.join(parts[: i + 1])}: no such list index (have {len(node)})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise CptError(f"override {text!r}: {'.'.join(parts[:i])} is not a section")
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Make task paths, tokenizer path, model.init and buffer dir absolute relative to the config file."""
+
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not Path(p).is_absolute():
+            return str((base / p).resolve())
+        return p
+
+    for task in data.get("tasks") or []:
+        if isinstance(task, dict) and "path" in task:
+            task["path"] = fix(task["path"])
+    for section, key in (("tokenizer", "path"), ("model", "init"), ("cache_dir", None)):
+        if key is None:
+            if section in data:
+                data[section] = fix(data[section])
+        elif isinstance(data.get(section), dict) and key in data[section]:
+            data[section][key] = fix(data[section][key])
+    buf = (data.get("replay") or {}).get("buffer") if isinstance(data.get("replay"), dict) else None
+    if isinstance(buf, dict) and "dir" in buf:
+        buf["dir"] = fix(buf["dir"])
+    return data
+
+
+def validate(data: Any, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise CptError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise CptError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate; errors name the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise CptError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise CptError(f"{path}: not valid YAML{where}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CptError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value, text)
+    resolve_paths(data, path.parent.resolve())
+    return validate(data, str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _bounds(metadata: list) -> str:
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length"}
+    out = []
+    for item in metadata:
+        for attr, sym in symbols.items():
+            if hasattr(item, attr):
+                out.append(f"{sym} {getattr(item, attr)}")
+    return ", ".join(out)
+
+
+def reference_markdown() -> str:
+    """The key reference in Markdown, generated from the schema (written to docs/config.md)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `cpt config-reference` from `cpt/config.py`; every key of a run YAML.",
+        "Override any of them on the command line: `cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6`.",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        nested = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if name == "tasks":
+                nested.append((TaskConfig, f"{prefix}tasks.N."))
+                rows.append((f"{prefix}tasks", "list", "required", field.description or ""))
+                continue
+            if sub is not None:
+                nested.append((sub, f"{prefix}{name}."))
+                continue
+            default = "required" if field.is_required() else repr(field.default)
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            desc = field.description or ""
+            bounds = _bounds(field.metadata)
+            if bounds:
+                desc += f" ({bounds})"
+            rows.append((f"{prefix}{name}", typ, default, desc))
+        if rows:
+            lines.append(f"## `{prefix.rstrip('.') or 'top level'}`")
+            lines.append("")
+            lines.append("| key | type | default | meaning |")
+            lines.append("|---|---|---|---|")
+            for key, typ, default, desc in rows:
+                typ, desc = typ.replace("|", "\\|"), desc.replace("|", "\\|")
+                lines.append(f"| `{key}` | {typ} | `{default}` | {desc} |")
+            lines.append("")
+        for sub, pre in nested:
+            walk(sub, pre)
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
