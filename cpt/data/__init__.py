@@ -1,0 +1,1 @@
+"""Data: readers (txt/jsonl/parquet/datasets) → tokenizer → cached token files → task streams."""

@@ -1,0 +1,184 @@
+"""Token files: each task's text tokenized once into memory-mapped train / validation arrays.
+
+Layout of one cache entry (`<cache>/tokens/<key>/`): `train.bin` and `val.bin` are flat arrays of
+token ids (uint16 when the vocabulary fits, else uint32) with the EOS id after every document,
+and `meta.json` records counts and dtype. The key hashes the source's bytes, the tokenizer and
+the split settings, so a second run (or a second strategy over the same tasks) re-uses it.
+
+The validation split is fixed and made of whole documents: document i is held out when the
+fractional part of (i + 1)·φ (golden ratio) is below `val_fraction`. That spreads held-out
+documents evenly through the file, does not depend on the tokenizer, and never changes when
+other settings do. Held-out documents are never trained on (nor used to train a tokenizer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cpt.data.readers import ReadStats, content_fingerprint, detect_format, iter_documents
+from cpt.data.tokenizer import TextTokenizer
+from cpt.errors import CptError
+
+_PHI = (math.sqrt(5) - 1) / 2
+CACHE_VERSION = "1"
+
+
+def is_validation(doc_index: int, val_fraction: float) -> bool:
+    return ((doc_index + 1) * _PHI) % 1.0 < val_fraction
+
+
+def split_documents(docs: Iterator[str], val_fraction: float, want: str) -> Iterator[str]:
+    """Only the `train` or only the `val` documents of a stream."""
+    for i, doc in enumerate(docs):
+        if is_validation(i, val_fraction) == (want == "val"):
+            yield doc
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+@dataclass
+class TaskTokens:
+    name: str
+    train: np.ndarray  # memmap, 1-D
+    val: np.ndarray  # memmap, 1-D
+    directory: Path
+    meta: dict
+
+
+def source_key(path: Path, fmt: str, text_field: str) -> str:
+    h = hashlib.sha256()
+    h.update(content_fingerprint(path).encode())
+    h.update(f"|{detect_format(path, fmt)}|{text_field}".encode())
+    return h.hexdigest()[:24]
+
+
+def _write_tokens(docs: Iterator[str], tok: TextTokenizer, out: Path, dtype: np.dtype, batch_docs: int = 512) -> int:
+    """Tokenize in batches (the Rust tokenizer parallelises each batch) and append with EOS."""
+    count = 0
+    eos = tok.eos_id
+    with open(out, "wb") as fh:
+        batch: list[str] = []
+
+        def flush() -> int:
+            if not batch:
+                return 0
+            ids = tok.encode_batch(batch)
+            flat = np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int64, count=sum(len(s) + 1 for s in ids))
+            if flat.size and (flat.max() >= np.iinfo(dtype).max + 1 or flat.min() < 0):
+                raise CptError(f"{out}: token id {int(flat.max())} does not fit {dtype}")
+            fh.write(flat.astype(dtype).tobytes())
+            batch.clear()
+            return int(flat.size)
+
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) >= batch_docs:
+                count += flush()
+        count += flush()
+    return count
+
+
+def prepare_task(
+    name: str,
+    path: str | Path,
+    tok: TextTokenizer,
+    cache: Path,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    val_fraction: float = 0.05,
+    log=print,
+) -> TaskTokens:
+    """Tokenize one task's source into the cache (once) and memory-map it."""
+    path = Path(path)
+    if not path.exists():
+        raise CptError(f"{path}: data file for task {name!r} not found (tasks.N.path)")
+    key = hashlib.sha256(
+        f"{CACHE_VERSION}|{source_key(path, fmt, text_field)}|{tok.fingerprint}|{val_fraction}".encode()
+    ).hexdigest()[:24]
+    directory = cache / "tokens" / key
+    if not (directory / "meta.json").is_file():
+        dtype = token_dtype(tok.vocab_size)
+        tmp = cache / "tokens" / f".{key}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        stats = ReadStats()
+        counts = {}
+        val_stats = ReadStats()
+        counts["train"] = _write_tokens(
+            split_documents(iter_documents(path, fmt, text_field, stats), val_fraction, "train"), tok, tmp / "train.bin", dtype
+        )
+        counts["val"] = _write_tokens(
+            split_documents(iter_documents(path, fmt, text_field, val_stats), val_fraction, "val"), tok, tmp / "val.bin", dtype
+        )
+        seconds = time.perf_counter() - t0
+        if stats.documents == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CptError(f"{path}: no documents (empty file, or every document skipped) for task {name!r}")
+        if counts["val"] == 0 or counts["train"] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CptError(
+                f"{path}: {stats.documents} document(s) are too few to hold out a validation split "
+                f"(tasks.N.val_fraction={val_fraction}); add documents or raise val_fraction"
+            )
+        meta = {
+            "source": str(path),
+            "documents": stats.documents,
+            "skipped_non_utf8": stats.skipped_non_utf8,
+            "bytes": stats.bytes,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokenizer": tok.fingerprint,
+            "val_fraction": val_fraction,
+            "seconds": round(seconds, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process finished the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+        mbs = stats.bytes / 1e6 / max(seconds, 1e-9)
+        skipped = f", skipped {stats.skipped_non_utf8} non-UTF-8 document(s)" if stats.skipped_non_utf8 else ""
+        log(
+            f"tokenized {name}: {stats.documents} docs, {stats.bytes / 1e6:.2f} MB → "
+            f"{counts['train']:,} train + {counts['val']:,} val tokens in {seconds:.1f}s ({mbs:.1f} MB/s){skipped}"
+        )
+    meta = json.loads((directory / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    train = np.memmap(directory / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(directory / "val.bin", dtype=dtype, mode="r")
+    if meta["vocab_size"] != tok.vocab_size:  # pragma: no cover - the key includes the tokenizer
+        raise CptError(f"{directory}: cached tokens were made with another tokenizer; delete the directory")
+    return TaskTokens(name, train, val, directory, meta)
+
+
+def check_token_range(task: TaskTokens, vocab_size: int) -> None:
+    """Ids beyond the model's embedding table would crash deep inside the model; say so up front."""
+    for split, arr in (("train", task.train), ("val", task.val)):
+        top = int(arr.max()) if arr.size else 0
+        if top >= vocab_size:
+            raise CptError(
+                f"task {task.name!r}: token id {top} in {task.directory / (split + '.bin')} is outside the "
+                f"model's vocabulary ({vocab_size}); use the model's own tokenizer"
+            )
+
+
+def default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,106 @@
+"""Model presets and HF load/save.
+
+Every model is a real `transformers.LlamaForCausalLM` (or, with `model.init`, any local HF causal
+LM checkpoint), so a run's checkpoints load with `AutoModelForCausalLM.from_pretrained`. The
+presets name the shapes used here: `tiny` for tests, `demo` for the bundled CPU default, and the
+paper's public configs (layers × hidden, heads, FFN, peak LR; see arXiv 2508.01908).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpt.errors import CptError
+
+
+@dataclass(frozen=True)
+class Preset:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    kv_heads: int | None = None
+    peak_lr: float = 1e-3
+    max_positions: int = 2048
+    tie_embeddings: bool = True
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(layers=2, hidden=64, heads=4, ffn=176, peak_lr=3e-3, max_positions=1024),
+    "demo": Preset(layers=4, hidden=256, heads=4, ffn=688, peak_lr=2e-3, max_positions=1024),
+    "paper-99m": Preset(layers=16, hidden=512, heads=8, ffn=1280, peak_lr=4e-4, tie_embeddings=False),
+    "paper-560m": Preset(layers=24, hidden=1024, heads=16, ffn=2560, peak_lr=2.8e-4, tie_embeddings=False),
+    "paper-1b": Preset(layers=24, hidden=1792, heads=28, ffn=5120, peak_lr=2.2e-4, tie_embeddings=False),
+    "paper-3b": Preset(layers=30, hidden=3072, heads=24, ffn=9216, peak_lr=1.5e-4, tie_embeddings=False),
+}
+
+
+def llama_config(preset: str, vocab_size: int, eos_id: int, seq_len: int, attn: str = "sdpa"):
+    from transformers import LlamaConfig
+
+    if preset not in PRESETS:
+        raise CptError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden,
+        intermediate_size=p.ffn,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads or p.heads,
+        max_position_embeddings=max(p.max_positions, seq_len),
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=p.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def build_model(preset: str, vocab_size: int, eos_id: int, seq_len: int, seed: int, attn: str = "sdpa") -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(preset, vocab_size, eos_id, seq_len, attn)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model
+
+
+def load_model(path: str | Path, attn: str = "sdpa") -> torch.nn.Module:
+    """A local HF causal-LM checkpoint directory, in fp32 (the optimizer's master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CptError(f"{path}: not an HF checkpoint directory (no config.json) (model.init)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
+    except Exception as err:
+        raise CptError(f"{path}: cannot load the checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def max_positions(model: torch.nn.Module) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 1 << 30))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_hf(model: torch.nn.Module, directory: Path, tokenizer=None) -> None:
+    """`save_pretrained` (safetensors) plus the tokenizer, so the directory is a complete HF model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "_orig_mod", model)
+    unwrapped.save_pretrained(str(directory), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
