@@ -1,0 +1,1 @@
+"""Gradient alignment: Reptile meta-updates (efficient MER) and the gradient-alignment probe."""

@@ -1,0 +1,89 @@
+"""Reptile meta-updates: the gradient-alignment half of efficient MER.
+
+Convention (the one this code implements; β is the *meta step size*):
+    every k optimizer steps:  θ ← θ₀ + β·(θ − θ₀);  θ₀ ← θ
+where θ₀ (the anchor) is the weights at the previous meta-update. β = 1 keeps the k inner steps
+whole (plain training); smaller β moves only part of the way, which (Nichol et al. 2018; Riemer
+et al. 2019) favours directions whose gradients agree across the batches of the k steps, i.e.
+across old (replayed) and new data when combined with replay. The paper's "interpolation
+coefficient" is this β when phrased as "move a fraction β of the way from the old weights to the
+new"; a code base that writes θ ← θ + ε(θ₀ − θ) uses ε = 1 − β.
+
+The update edits the tensors the optimizer owns (its param groups): fp32 master weights under
+autocast, each rank's local shard under FSDP2 (DTensor), so the next optimizer step starts from
+the edited values. The anchor is an fp32 copy, on the parameters' device or on CPU. Adam's
+moments are left untouched at a meta-update, as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class Reptile:
+    """After every k optimizer steps, interpolate the optimizer's weights toward the anchor."""
+
+    def __init__(self, params: list[torch.Tensor], k: int, beta: float, anchor_device: str = "same"):
+        if k <= 0:
+            raise ValueError("k must be > 0")
+        if not 0 < beta <= 1:
+            raise ValueError("beta must be in (0, 1]")
+        self.params = params
+        self.k = k
+        self.beta = beta
+        self.anchor_device = anchor_device
+        self.steps_since_anchor = 0
+        self.meta_updates = 0
+        self.anchor = [self._copy(p) for p in params]
+
+    def _copy(self, p: torch.Tensor) -> torch.Tensor:
+        local = _local(p.detach())
+        device = torch.device("cpu") if self.anchor_device == "cpu" else local.device
+        out = torch.empty(local.shape, dtype=torch.float32, device=device, pin_memory=device.type == "cpu" and local.is_cuda)
+        out.copy_(local)
+        return out
+
+    @property
+    def anchor_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in self.anchor)
+
+    @torch.no_grad()
+    def after_step(self) -> bool:
+        """Call after each optimizer step; returns True when a meta-update happened."""
+        self.steps_since_anchor += 1
+        if self.steps_since_anchor < self.k:
+            return False
+        for p, a in zip(self.params, self.anchor):
+            w = _local(p.detach())
+            if self.beta != 1.0:  # β = 1 must be plain training bit for bit: leave θ alone
+                a_dev = a.to(w.device, non_blocking=True)
+                new = a_dev + self.beta * (w.float() - a_dev)
+                w.copy_(new)
+            a.copy_(w, non_blocking=True)
+        self.steps_since_anchor = 0
+        self.meta_updates += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {
+            "anchor": [a.cpu() for a in self.anchor],
+            "steps_since_anchor": self.steps_since_anchor,
+            "meta_updates": self.meta_updates,
+            "k": self.k,
+            "beta": self.beta,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for a, saved in zip(self.anchor, state["anchor"]):
+            a.copy_(saved)
+        self.steps_since_anchor = int(state["steps_since_anchor"])
+        self.meta_updates = int(state["meta_updates"])

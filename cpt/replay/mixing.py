@@ -1,0 +1,184 @@
+"""How many replayed sequences each step holds, and the batch source that mixes them in.
+
+Exact replay rate: with B sequences per step (per rank) and rate α, step s of a task (0-based)
+replays r_s = floor(α·B·(s+1)) − floor(α·B·s) sequences, i.e. ⌊α·B⌋ or ⌈α·B⌉, spread like a
+Bresenham line so that after S steps exactly floor(α·B·S) of the task's B·S sequences were
+replayed: the realised fraction is α up to 1/(B·S). The batch never grows: replayed rows replace
+new ones, and a task runs until its budget of NEW tokens is met (so replay adds compute).
+
+`MixedBatchSource` is the loop's batch seam: `next_batch(step)` returns the step's rows (new rows
+from the task stream, replayed rows from the buffer), and `after_step()` offers the new rows to
+the buffer. Replay slots for step s+2 are drawn (in the main thread, deterministically) right
+after step s's rows were stored, and read by the prefetch thread while step s+1 computes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def replay_count(step_in_task: int, rows_per_step: int, rate: float) -> int:
+    if rate <= 0:
+        return 0
+    x = rate * rows_per_step
+    # the small epsilon keeps α·B·s that are integers in exact arithmetic from rounding down
+    return math.floor(x * (step_in_task + 1) + 1e-9) - math.floor(x * step_in_task + 1e-9)
+
+
+def steps_for_budget(tokens: int, seq_len: int, rows_per_step: int, rate: float) -> int:
+    """Optimizer steps until the NEW rows trained reach `tokens` (each row trains seq_len tokens)."""
+    need_rows = math.ceil(tokens / seq_len)
+    if rate <= 0:
+        return max(1, math.ceil(need_rows / rows_per_step))
+    # new rows after S steps = B·S − floor(α·B·S); solve approximately, then step to the exact S
+    s = max(1, math.floor(need_rows / (rows_per_step * (1 - rate))) - 2)
+    while rows_per_step * s - math.floor(rate * rows_per_step * s + 1e-9) < need_rows:
+        s += 1
+    while s > 1 and rows_per_step * (s - 1) - math.floor(rate * rows_per_step * (s - 1) + 1e-9) >= need_rows:
+        s -= 1
+    return s
+
+
+@dataclass
+class StepPlan:
+    """Which task each global step trains and how many of its rows are replayed."""
+
+    task_of_step: list[int]
+    step_in_task: list[int]
+    replay_rows: list[int]
+    task_ends: list[int]
+    rows_per_step: int
+
+    @classmethod
+    def build(cls, budgets: list[int], seq_len: int, rows_per_step: int, rate: float, replay_first_task: bool) -> StepPlan:
+        task_of, in_task, replay, ends = [], [], [], []
+        for t, tokens in enumerate(budgets):
+            r = rate if (t > 0 or replay_first_task) else 0.0
+            n = steps_for_budget(tokens, seq_len, rows_per_step, r)
+            for s in range(n):
+                task_of.append(t)
+                in_task.append(s)
+                replay.append(replay_count(s, rows_per_step, r))
+            ends.append(len(task_of))
+        return cls(task_of, in_task, replay, ends, rows_per_step)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.task_of_step)
+
+
+@dataclass
+class ReplayStats:
+    new_rows: list[int] = field(default_factory=list)  # per task
+    replay_rows: list[int] = field(default_factory=list)
+
+    def fraction(self) -> list[float]:
+        return [r / (n + r) if n + r else 0.0 for n, r in zip(self.new_rows, self.replay_rows)]
+
+
+class MixedBatchSource:
+    """New rows from the task streams, a planned number of replayed rows from the buffer."""
+
+    LOOKAHEAD = 2
+
+    def __init__(self, streams, plan: StepPlan, buffer=None, prefetcher=None, include_current: bool = False, task_weights: dict[int, float] | None = None):
+        self.streams = streams  # one stream per task (or one JointStream per "task" for joint)
+        self.plan = plan
+        self.buffer = buffer
+        self.prefetcher = prefetcher
+        self.include_current = include_current
+        self.task_weights = task_weights
+        self.pending: dict[int, np.ndarray] = {}  # step -> slots already drawn (and submitted)
+        self.stats = ReplayStats([0] * len(plan.task_ends), [0] * len(plan.task_ends))
+        self._new_rows: np.ndarray | None = None
+        self._task: int = 0
+        self.wait_seconds = 0.0
+
+    def _eligible(self, task: int) -> list[int]:
+        return list(range(task + 1 if self.include_current else task))
+
+    def _draw(self, step: int) -> None:
+        """Choose replay slots for `step` from the buffer as it is now, and start reading them."""
+        if step >= self.plan.total_steps or step in self.pending or self.buffer is None:
+            return
+        n = self.plan.replay_rows[step]
+        if n == 0:
+            return
+        task = self.plan.task_of_step[step]
+        eligible = [t for t in self._eligible(task) if self.buffer.counts_per_task().get(t, 0) > 0]
+        if not eligible:
+            self.pending[step] = np.zeros(0, dtype=np.int64)
+            return
+        weights = None
+        if self.task_weights:
+            weights = {t: self.task_weights.get(t, 0.0) for t in eligible}
+            if sum(weights.values()) <= 0:
+                weights = None
+        slots = np.asarray(self.buffer.sample_slots(n, eligible_tasks=eligible, task_weights=weights), dtype=np.int64)
+        self.pending[step] = slots
+        if self.prefetcher is not None:
+            self.prefetcher.submit(step, slots)
+
+    def start(self, step: int) -> None:
+        """Draw the first look-ahead steps (at the run's start or after a resume)."""
+        for s in range(step, step + self.LOOKAHEAD):
+            self._draw(s)
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, int, int]:
+        """Rows for `step`: (rows [B, seq_len+1] int64, new count, replay count)."""
+        task = self.plan.task_of_step[step]
+        self._task = task
+        self._draw(step)  # no-op when drawn ahead
+        slots = self.pending.pop(step, None)
+        replay = None
+        if slots is not None and len(slots):
+            if self.prefetcher is not None:
+                t0 = time.perf_counter()
+                rows_t, _ = self.prefetcher.get(step)
+                self.wait_seconds += time.perf_counter() - t0
+                replay = rows_t.to(torch.int64).cpu().numpy()
+            else:
+                replay, _ = self.buffer.read(slots)
+        n_replay = 0 if replay is None else len(replay)
+        n_new = self.plan.rows_per_step - n_replay
+        new = self.streams[task].next_rows(n_new)
+        self._new_rows = new
+        self.stats.new_rows[task] += n_new
+        self.stats.replay_rows[task] += n_replay
+        rows = new if replay is None else np.concatenate([new, replay.astype(np.int64)], axis=0)
+        return torch.from_numpy(rows), n_new, n_replay
+
+    def after_step(self, step: int) -> None:
+        """Offer the step's new rows to the buffer, then draw replay for step + LOOKAHEAD."""
+        if self.buffer is not None and self._new_rows is not None:
+            self.buffer.add(self._new_rows, self._task)
+        self._new_rows = None
+        self._draw(step + self.LOOKAHEAD)
+
+    def state_dict(self) -> dict:
+        return {
+            "streams": [s.state_dict() for s in self.streams],
+            "pending": {int(k): v.tolist() for k, v in self.pending.items()},
+            "stats": {"new_rows": self.stats.new_rows, "replay_rows": self.stats.replay_rows},
+            "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+            "wait_seconds": self.wait_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, st in zip(self.streams, state["streams"]):
+            s.load_state_dict(st)
+        self.stats = ReplayStats(list(state["stats"]["new_rows"]), list(state["stats"]["replay_rows"]))
+        self.wait_seconds = float(state.get("wait_seconds", 0.0))
+        if self.buffer is not None and state.get("buffer") is not None:
+            self.buffer.load_state_dict(state["buffer"])
+        self.pending = {}
+        for k, v in state["pending"].items():
+            slots = np.asarray(v, dtype=np.int64)
+            self.pending[int(k)] = slots
+            if self.prefetcher is not None and len(slots):
+                self.prefetcher.submit(int(k), slots)

@@ -1,0 +1,1 @@
+"""Training: the loop, LR schedules and resumable checkpoints."""

@@ -1,0 +1,91 @@
+"""Resumable checkpoints: written whole or not at all, verified before use.
+
+A checkpoint is a directory `checkpoints/step-<N>/` holding `state.pt` (model, optimizer, RNGs,
+data positions, replay-buffer metadata, Reptile anchor, the loss matrix so far) and
+`manifest.json` with a sha256 per file. It is written under a temporary name and renamed into
+place, so a crash or a full disk never leaves a half-written directory under the final name; on
+resume a checkpoint whose files do not match their checksums is reported and the previous good
+one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from cpt.errors import CptError
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(root: Path, step: int, state: dict, keep: int) -> Path:
+    """Write `root/step-<step>` atomically, then delete all but the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+        manifest = {"step": step, "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        with open(tmp / "manifest.json", "rb") as fh:
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CptError(f"{final}: could not write the checkpoint ({err.strerror or err}); earlier checkpoints are intact") from None
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+
+def verify(directory: Path) -> str | None:
+    """None when every file matches its checksum, else the reason."""
+    manifest_file = directory / "manifest.json"
+    if not manifest_file.is_file():
+        return "no manifest.json (incomplete write)"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError:
+        return "manifest.json is corrupt"
+    for name, digest in manifest.get("files", {}).items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} does not match its checksum (truncated or corrupted)"
+    return None
+
+
+def load_latest(root: Path, log=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; bad ones are reported in one line each and skipped."""
+    for directory in reversed(list_checkpoints(root)):
+        problem = verify(directory)
+        if problem:
+            log(f"warning: skipping checkpoint {directory}: {problem}")
+            continue
+        return directory, torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+    return None

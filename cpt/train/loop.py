@@ -1,0 +1,570 @@
+"""The continual pre-training loop: tasks in order, replay mixed into every batch, a hook per step.
+
+One screen of `_train_step` is the whole step: rows from the batch source (the replay seam), a
+forward/backward per micro-batch, clip, AdamW, then the after-step hooks (the replay buffer stores
+the step's new rows; Reptile may meta-update; the probe may measure gradient alignment). Around
+it: held-out evaluation of every task (every `eval_every` steps and at each task end, giving one
+row of the loss matrix per task), resumable checkpoints, and the run directory:
+
+    RUN_DIR/config.yaml        the resolved config
+    RUN_DIR/metrics.jsonl      train / eval / probe / meta_update lines
+    RUN_DIR/summary.json       the loss matrix and its metrics (cpt.evaluate)
+    RUN_DIR/checkpoints/       step-N/ (resumable), task-<i>-<name>/ and final/ (HF format)
+    RUN_DIR/replay/            the replay buffer shard(s), unless replay.buffer.dir is set
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cpt import evaluate
+from cpt.alignment.probe import gradient_cosines
+from cpt.alignment.reptile import Reptile, optimizer_params
+from cpt.config import RunConfig, dump_config, load_config
+from cpt.data.readers import iter_documents
+from cpt.data.streams import JointStream, TaskStream
+from cpt.data.tokenizer import TextTokenizer, cache_root, load_tokenizer, train_or_load_bpe
+from cpt.data.tokens import TaskTokens, check_token_range, prepare_task, source_key, split_documents, token_dtype
+from cpt.errors import CptError
+from cpt.model import build_model, count_parameters, load_model, max_positions, save_hf
+from cpt.replay.mixing import MixedBatchSource, StepPlan
+from cpt.train import checkpoint as ckpt
+from cpt.train.schedule import lr_at
+
+MARKER = "run.json"
+
+
+def _quiet_transformers() -> None:
+    """save_pretrained draws its own progress bar per checkpoint; ours are enough."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class MetricsLog:
+    """Append-only JSON lines; flushed per line so a killed run keeps what it measured."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = path
+        self.fh = open(path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CptError("logging.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            if record["type"] == "train":
+                self.tb.add_scalar("train/loss", record["loss"], step)
+                self.tb.add_scalar("train/lr", record["lr"], step)
+            elif record["type"] == "eval":
+                for name, value in record["losses"].items():
+                    self.tb.add_scalar(f"val/{name}", value, step)
+            elif record["type"] == "probe":
+                for name, value in record["cosine"].items():
+                    self.tb.add_scalar(f"probe/{name}", value, step)
+
+    def offset(self) -> int:
+        self.fh.flush()
+        return self.fh.tell()
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory unless told to resume or overwrite."""
+    if out.exists() and not out.is_dir():
+        raise CptError(f"{out}: exists and is not a directory")
+    if resume:
+        if not (out / MARKER).is_file():
+            raise CptError(f"{out}: not a cpt run directory (no {MARKER}); nothing to resume")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            what = "another cpt run" if (out / MARKER).is_file() else "other files"
+            raise CptError(f"{out}: already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        if not (out / MARKER).is_file():
+            raise CptError(f"{out}: --overwrite only replaces a cpt run directory, and this one holds other files")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
+    want = cfg.training.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise CptError("training.device: cuda requested but no CUDA device is available")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    precision = cfg.training.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return device, (torch.bfloat16 if precision == "bf16" else None)
+
+
+def load_or_train_tokenizer(cfg: RunConfig, cache: Path) -> TextTokenizer:
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    if cfg.model.init:
+        init = Path(cfg.model.init)
+        if (init / "tokenizer.json").is_file() or (init / "tokenizer_config.json").is_file():
+            return load_tokenizer(init)
+    parts = [f"{source_key(Path(t.path), t.format, t.text_field)}:{t.val_fraction}" for t in cfg.tasks]
+    key = __import__("hashlib").sha256(
+        f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}".encode()
+    ).hexdigest()[:20]
+
+    def texts():
+        for t in cfg.tasks:
+            yield from split_documents(iter_documents(t.path, t.format, t.text_field), t.val_fraction, "train")
+
+    t0 = time.perf_counter()
+    tok = train_or_load_bpe(key, texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cache)
+    _log(f"tokenizer: byte-level BPE, vocab {tok.vocab_size} ({tok.source}, {time.perf_counter() - t0:.1f}s)")
+    return tok
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # norms and biases are not decayed (standard for Llama pre-training)
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """Everything one training run holds; `run()` executes it to the summary."""
+
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log):
+        self.cfg = cfg
+        self.out = out
+        self.log = log
+        self.rank, self.world = 0, 1
+        self.device, self.autocast_dtype = resolve_device(cfg)
+        torch.manual_seed(cfg.seed)
+        cache = cache_root(cfg.cache_dir)
+
+        self.tokenizer = load_or_train_tokenizer(cfg, cache)
+        self.tasks: list[TaskTokens] = [
+            prepare_task(t.name, t.path, self.tokenizer, cache, fmt=t.format, text_field=t.text_field, val_fraction=t.val_fraction, log=log)
+            for t in cfg.tasks
+        ]
+        tr = cfg.training
+        if cfg.model.init:
+            self.model = load_model(cfg.model.init, cfg.model.attn_implementation)
+        else:
+            self.model = build_model(cfg.model.preset, self.tokenizer.vocab_size, self.tokenizer.eos_id, tr.seq_len, cfg.seed, cfg.model.attn_implementation)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        for task in self.tasks:
+            check_token_range(task, vocab)
+        if tr.seq_len > max_positions(self.model):
+            raise CptError(f"training.seq_len: {tr.seq_len} exceeds the model's {max_positions(self.model)} positions")
+        self.model.to(self.device)
+        self.n_params = count_parameters(self.model)
+
+        self.rows_per_step = tr.batch_size * tr.grad_accum
+        rp = cfg.replay
+        if tr.strategy == "joint":
+            streams = [TaskStream(t.train, tr.seq_len, cfg.seed, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)]
+            self._check_rows(streams)
+            budgets = [sum(t.tokens for t in cfg.tasks)]
+            self.streams = [JointStream(streams, [t.tokens for t in cfg.tasks], cfg.seed, self.rank)]
+            self.row_names = ["joint"]
+        else:
+            self.streams = [TaskStream(t.train, tr.seq_len, cfg.seed, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)]
+            self._check_rows(self.streams)
+            budgets = [t.tokens for t in cfg.tasks]
+            self.row_names = [t.name for t in cfg.tasks]
+        self.plan = StepPlan.build(budgets, tr.seq_len, self.rows_per_step, rp.rate, rp.include_current)
+
+        self.buffer = self.prefetcher = None
+        if rp.rate > 0:
+            self._make_buffer(resume)
+        weights = {i: rp.task_weights[t.name] for i, t in enumerate(cfg.tasks) if t.name in rp.task_weights} if rp.task_weights else None
+        self.source = MixedBatchSource(self.streams, self.plan, self.buffer, self.prefetcher, rp.include_current, weights)
+
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, cfg.optimizer.weight_decay),
+            lr=tr.lr,
+            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            eps=cfg.optimizer.eps,
+            fused=self.device.type == "cuda",
+        )
+        al = cfg.alignment
+        self.reptile = Reptile(optimizer_params(self.optimizer), al.k, al.beta, al.anchor_device) if al.method == "reptile" else None
+        self.forward_model = torch.compile(self.model) if tr.compile else self.model
+        self.eval_sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in self.tasks]
+        if al.probe_every:
+            self.probe_streams = [TaskStream(t.train, tr.seq_len, cfg.seed + 1_000_003, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)]
+            self.probe_rng = np.random.default_rng([cfg.seed, 31337])
+
+        # progress of the run (all of it is checkpointed)
+        self.step = 0
+        self.loss_matrix: list[list[float]] = []
+        self.wall_before = 0.0
+        self.train_seconds = 0.0
+        self.probe_seconds = 0.0
+        self.nan_skipped = 0
+        self.trained_tokens = 0
+
+    def _check_rows(self, streams: list[TaskStream]) -> None:
+        for s in streams:
+            if s.windows_per_epoch < self.cfg.training.batch_size:
+                raise CptError(
+                    f"task {s.name!r}: its training split holds {s.windows_per_epoch} sequence(s) of "
+                    f"{s.row_len} tokens per rank, less than one batch ({self.cfg.training.batch_size}); "
+                    "add data or lower training.batch_size / training.seq_len"
+                )
+
+    def _make_buffer(self, resume: bool) -> None:
+        from cpt.replay.buffer import ReplayBuffer, capacity_rows_from
+        from cpt.replay.prefetch import ReplayPrefetcher
+
+        bc = self.cfg.replay.buffer
+        directory = Path(bc.dir) if bc.dir else self.out / "replay"
+        row_len = self.cfg.training.seq_len + 1
+        existing = directory / f"shard-{self.rank:03d}.meta.json"
+        if existing.is_file() and (resume or bc.dir):
+            self.buffer = ReplayBuffer.open(directory, self.rank)
+            if self.buffer.row_len != row_len:
+                raise CptError(f"{directory}: buffer rows hold {self.buffer.row_len} tokens but training.seq_len + 1 = {row_len}")
+            if not resume:
+                self.log(f"replay: reusing the buffer in {directory} ({self.buffer.fill} sequences)")
+        else:
+            capacity = capacity_rows_from(bc.capacity, bc.capacity_unit, row_len)
+            self.buffer = ReplayBuffer(directory, row_len, capacity, bc.policy, token_dtype(self.tokenizer.vocab_size), self.cfg.seed, self.rank)
+        if self.cfg.replay.prefetch:
+            self.prefetcher = ReplayPrefetcher(self.buffer)
+            self.buffer.attach(self.prefetcher)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate_all(self) -> dict[str, float]:
+        losses = {}
+        for task, windows in zip(self.tasks, self.eval_sets):
+            total, count = evaluate.heldout_loss(self.forward_model, windows, self.cfg.training.eval_batch_size, self.device, self.autocast_dtype)
+            losses[task.name] = total / max(count, 1)
+        return losses
+
+    def _probe(self, task: int) -> None:
+        t0 = time.perf_counter()
+        n = self.cfg.alignment.probe_batch_size
+        current = torch.from_numpy(self.probe_streams[task].next_rows(n))
+        others = {self.tasks[j].name: torch.from_numpy(self.probe_streams[j].next_rows(n)) for j in range(task)}
+        if self.buffer is not None and self.buffer.fill:
+            ids = self.probe_rng.integers(0, self.buffer.fill, size=4 * n)
+            rows, task_ids = self.buffer.read(ids)
+            eligible = task_ids <= task if self.cfg.replay.include_current else task_ids < task
+            if eligible.sum() >= 1:
+                others["replay"] = torch.from_numpy(np.asarray(rows[eligible][:n], dtype=np.int64))
+        if others:
+            cos = gradient_cosines(self.model, current, others, self.autocast_dtype)
+            self.metrics.write({"type": "probe", "step": self.step, "task": self.tasks[task].name, "cosine": cos})
+        self.probe_seconds += time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "source": self.source.state_dict(),
+            "reptile": self.reptile.state_dict() if self.reptile else None,
+            "rng": _rng_state(),
+            "probe": {"streams": [s.state_dict() for s in self.probe_streams], "rng": self.probe_rng.bit_generator.state}
+            if self.cfg.alignment.probe_every
+            else None,
+            "loss_matrix": self.loss_matrix,
+            "wall_seconds": self.wall_before + (time.perf_counter() - self.t_start),
+            "train_seconds": self.train_seconds,
+            "probe_seconds": self.probe_seconds,
+            "nan_skipped": self.nan_skipped,
+            "trained_tokens": self.trained_tokens,
+            "metrics_offset": self.metrics.offset(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.source.load_state_dict(state["source"])
+        if self.reptile and state["reptile"]:
+            self.reptile.load_state_dict(state["reptile"])
+        _set_rng_state(state["rng"])
+        if state.get("probe") and self.cfg.alignment.probe_every:
+            for s, st in zip(self.probe_streams, state["probe"]["streams"]):
+                s.load_state_dict(st)
+            self.probe_rng.bit_generator.state = state["probe"]["rng"]
+        self.loss_matrix = state["loss_matrix"]
+        self.wall_before = state["wall_seconds"]
+        self.train_seconds = state["train_seconds"]
+        self.probe_seconds = state["probe_seconds"]
+        self.nan_skipped = state["nan_skipped"]
+        self.trained_tokens = state["trained_tokens"]
+
+    def save_resumable(self) -> None:
+        if self.buffer is not None:
+            self.buffer.flush()
+        ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.checkpoint.keep)
+
+    # ---------------------------------------------------------------- the step
+    def _train_step(self, step: int) -> tuple[float, int]:
+        cfg = self.cfg
+        rows, n_new, n_replay = self.source.next_batch(step)
+        rows = rows.to(self.device, non_blocking=True)
+        lr = lr_at(step, self.plan.total_steps, self.plan.task_ends, cfg.training.lr, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in rows.chunk(cfg.training.grad_accum):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.forward_model(input_ids=micro[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), micro[:, 1:].reshape(-1))
+            (loss / cfg.training.grad_accum).backward()
+            total += float(loss.detach()) / cfg.training.grad_accum
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_skipped += 1
+            if self.nan_skipped > cfg.training.nan_skip:
+                good = ckpt.list_checkpoints(self.out / "checkpoints")
+                where = f"; last good checkpoint: {good[-1]}" if good else ""
+                raise CptError(f"step {step}: the training loss is {total} (NaN/Inf); stopping{where}. Lower training.lr or raise training.nan_skip")
+            self.log(f"warning: step {step}: loss {total}; batch skipped ({self.nan_skipped}/{cfg.training.nan_skip})")
+            self.source.after_step(step)
+            return total, 0
+        if cfg.optimizer.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.source.after_step(step)
+        if self.reptile is not None and self.reptile.after_step():
+            self.metrics.write({"type": "meta_update", "step": step + 1, "count": self.reptile.meta_updates})
+        return total, (n_new + n_replay) * cfg.training.seq_len
+
+    def run(self, resumed_state: dict | None = None) -> dict:
+        cfg = self.cfg
+        self.t_start = time.perf_counter()
+        metrics_path = self.out / "metrics.jsonl"
+        if resumed_state is not None:
+            with open(metrics_path, "r+b") as fh:
+                fh.truncate(resumed_state["metrics_offset"])
+        self.metrics = MetricsLog(metrics_path, self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        if resumed_state is not None:
+            self.load_state_dict(resumed_state)
+            self.log(f"resumed at step {self.step}/{self.plan.total_steps}")
+        else:
+            self.log(
+                f"model: {self.n_params / 1e6:.2f}M parameters on {self.device}"
+                f"{' (bf16 autocast)' if self.autocast_dtype else ' (fp32)'}; {self.plan.total_steps} steps; "
+                f"{len(self.plan.task_ends)} task(s)"
+            )
+            losses = self.evaluate_all()
+            self.metrics.write({"type": "eval", "step": 0, "task_index": -1, "losses": losses, "task_end": False})
+        self.source.start(self.step)
+        try:
+            self._loop()
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+            self.metrics.close()
+        return self._finish()
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        n_rows = len(self.plan.task_ends)
+        while self.step < self.plan.total_steps:
+            task = self.plan.task_of_step[self.step]
+            start = self.plan.task_ends[task - 1] if task else 0
+            end = self.plan.task_ends[task]
+            bar = tqdm(
+                total=end - start,
+                initial=self.step - start,
+                desc=f"[{task + 1}/{n_rows}] {self.row_names[task]}",
+                disable=not cfg.logging.progress,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
+            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+            while self.step < end:
+                t0 = time.perf_counter()
+                loss, tokens = self._train_step(self.step)
+                self.train_seconds += time.perf_counter() - t0
+                self.trained_tokens += tokens
+                self.step += 1
+                bar.update(1)
+                if math.isfinite(loss):
+                    window_loss += loss
+                    window_n += 1
+                window_tokens += tokens
+                if self.step % cfg.logging.log_every == 0 or self.step == end:
+                    elapsed = time.perf_counter() - window_t
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    mean = window_loss / max(window_n, 1)
+                    self.metrics.write(
+                        {"type": "train", "step": self.step, "task": self.row_names[task], "task_index": task, "loss": mean,
+                         "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": tps}
+                    )
+                    bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+                if cfg.alignment.probe_every and self.step % cfg.alignment.probe_every == 0:
+                    self._probe(task)
+                task_end = self.step == end
+                if task_end or (cfg.training.eval_every and self.step % cfg.training.eval_every == 0):
+                    losses = self.evaluate_all()
+                    self.metrics.write({"type": "eval", "step": self.step, "task_index": task, "losses": losses, "task_end": task_end})
+                    if task_end:
+                        self.loss_matrix.append([losses[t.name] for t in self.tasks])
+                if task_end:
+                    self._task_end(task)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not task_end:
+                    self.save_resumable()
+            bar.close()
+
+    def _task_end(self, task: int) -> None:
+        cfg = self.cfg
+        row = self.loss_matrix[-1]
+        self.log(f"after {self.row_names[task]}: " + "  ".join(f"{t.name}={v:.3f}" for t, v in zip(self.tasks, row)))
+        if cfg.checkpoint.task_ends and cfg.training.strategy != "joint":
+            save_hf(self.model, self.out / "checkpoints" / f"task-{task}-{self.row_names[task]}", self.tokenizer)
+        if cfg.optimizer.reset_at_task:
+            self.optimizer.state = defaultdict(dict)
+        self.save_resumable()
+
+    def _finish(self) -> dict:
+        cfg = self.cfg
+        save_hf(self.model, self.out / "checkpoints" / "final", self.tokenizer)
+        stats = self.source.stats
+        wall = self.wall_before + (time.perf_counter() - self.t_start)
+        summary = {
+            "run": cfg.name or self.out.name,
+            "strategy": cfg.training.strategy,
+            "tasks": [t.name for t in self.tasks],
+            "loss_matrix": self.loss_matrix,
+            **evaluate.summarize(self.loss_matrix),
+            "tokens": {"new": int(sum(stats.new_rows)) * cfg.training.seq_len, "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len},
+            "replay_rate": cfg.replay.rate,
+            "replay_fraction": stats.fraction(),
+            "replay_wait_seconds": self.source.wait_seconds,
+            "alignment": cfg.alignment.method,
+            "meta_updates": self.reptile.meta_updates if self.reptile else 0,
+            "steps": self.step,
+            "task_boundaries": self.plan.task_ends,
+            "parameters": self.n_params,
+            "wall_seconds": wall,
+            "train_seconds": self.train_seconds,
+            "probe_seconds": self.probe_seconds,
+            "tokens_per_second": self.trained_tokens / max(self.train_seconds, 1e-9),
+            "nan_skipped": self.nan_skipped,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log(
+            f"done: {self.step} steps in {wall:.1f}s ({summary['tokens_per_second']:,.0f} tokens/s); "
+            f"avg final loss {summary['avg_final_loss']:.3f}, forgetting {summary['forgetting_score'] if summary['forgetting_score'] is not None else 'n/a'}"
+        )
+        return summary
+
+
+def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) a continual pre-training run; returns the summary (also in out/summary.json)."""
+    out = Path(out)
+    _quiet_transformers()
+    prepare_run_dir(out, resume, overwrite)
+    if resume:
+        if config is not None and not isinstance(config, RunConfig):
+            pass  # the run's own saved config wins: a resumed run must be the same run
+        cfg = load_config(out / "config.yaml")
+    elif isinstance(config, RunConfig):
+        cfg = config
+    elif config is None:
+        raise CptError("a config file is required (or --resume RUN_DIR)")
+    else:
+        cfg = load_config(config, overrides)
+    if not resume:
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        (out / MARKER).write_text(json.dumps({"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    run = Run(cfg, out, resume=resume)
+    state = None
+    if resume:
+        found = ckpt.load_latest(out / "checkpoints", _log)
+        if found is None:
+            if (out / "summary.json").is_file():
+                raise CptError(f"{out}: the run already finished (summary.json exists)")
+            _log(f"{out}: no usable checkpoint; starting the run from the beginning")
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            state = found[1]
+    return run.run(state)
+
+
+def ensure_threads() -> None:
+    """Use every core for intra-op work unless the user already chose (OMP_NUM_THREADS)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def evaluate_checkpoint(run_dir: str | Path, checkpoint: str = "final") -> dict[str, float]:
+    """Held-out loss of a saved HF checkpoint of a run on every task (the same fixed sets as training)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CptError(f"{run_dir}: not a cpt run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    directory = run_dir / "checkpoints" / checkpoint
+    if not (directory / "config.json").is_file():
+        have = sorted(p.name for p in (run_dir / "checkpoints").glob("*") if (p / "config.json").is_file())
+        raise CptError(f"{directory}: no such HF checkpoint; have {have or 'none'}")
+    device, autocast_dtype = resolve_device(cfg)
+    tok = load_tokenizer(directory)
+    cache = cache_root(cfg.cache_dir)
+    model = load_model(directory, cfg.model.attn_implementation).to(device)
+    out = {}
+    for t in cfg.tasks:
+        task = prepare_task(t.name, t.path, tok, cache, fmt=t.format, text_field=t.text_field, val_fraction=t.val_fraction)
+        windows = evaluate.eval_windows(task.val, cfg.training.seq_len, cfg.training.eval_tokens)
+        total, count = evaluate.heldout_loss(model, windows, cfg.training.eval_batch_size, device, autocast_dtype)
+        out[t.name] = total / max(count, 1)
+    return out
