@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from cpt.train.loop import ensure_threads, train
+    from cpt.training.loop import ensure_threads, train
 
     ensure_threads()
     if args.resume is not None:
@@ -79,7 +79,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from cpt.train.loop import ensure_threads, evaluate_checkpoint
+    from cpt.training.loop import ensure_threads, evaluate_checkpoint
 
     ensure_threads()
     losses = evaluate_checkpoint(args.run_dir, args.checkpoint)
@@ -103,7 +103,7 @@ def _cmd_report(args) -> int:
 
 def _cmd_demo(args) -> int:
     from cpt.demo import run_demo
-    from cpt.train.loop import ensure_threads
+    from cpt.training.loop import ensure_threads
 
     ensure_threads()
     run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)

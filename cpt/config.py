@@ -312,6 +312,24 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+def _type_name(ann: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
 def _bounds(metadata: list) -> str:
     symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length"}
     out = []
@@ -346,7 +364,7 @@ def reference_markdown() -> str:
                 nested.append((sub, f"{prefix}{name}."))
                 continue
             default = "required" if field.is_required() else repr(field.default)
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            typ = _type_name(ann)
             desc = field.description or ""
             bounds = _bounds(field.metadata)
             if bounds:

@@ -39,8 +39,8 @@ from cpt.data.tokens import TaskTokens, check_token_range, prepare_task, source_
 from cpt.errors import CptError
 from cpt.model import build_model, count_parameters, load_model, max_positions, save_hf
 from cpt.replay.mixing import MixedBatchSource, StepPlan
-from cpt.train import checkpoint as ckpt
-from cpt.train.schedule import lr_at
+from cpt.training import checkpoint as ckpt
+from cpt.training.schedule import lr_at
 
 MARKER = "run.json"
 
@@ -513,18 +513,18 @@ def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: 
     """Run (or resume) a continual pre-training run; returns the summary (also in out/summary.json)."""
     out = Path(out)
     _quiet_transformers()
+    if not resume:  # validate before touching the run directory
+        if isinstance(config, RunConfig):
+            cfg = config
+        elif config is None:
+            raise CptError("a config file is required (or --resume RUN_DIR)")
+        else:
+            cfg = load_config(config, overrides)
     prepare_run_dir(out, resume, overwrite)
     if resume:
-        if config is not None and not isinstance(config, RunConfig):
-            pass  # the run's own saved config wins: a resumed run must be the same run
+        # the run's own saved config wins: a resumed run must be the same run
         cfg = load_config(out / "config.yaml")
-    elif isinstance(config, RunConfig):
-        cfg = config
-    elif config is None:
-        raise CptError("a config file is required (or --resume RUN_DIR)")
     else:
-        cfg = load_config(config, overrides)
-    if not resume:
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         (out / MARKER).write_text(json.dumps({"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     run = Run(cfg, out, resume=resume)
