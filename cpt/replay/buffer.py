@@ -1,0 +1,433 @@
+"""Disk-backed experience-replay buffer: what is stored, where, and which slots are drawn.
+
+The training loop offers every new training sequence to `ReplayBuffer.add` after each optimizer
+step and later draws replay rows with `sample_slots` + `read` (usually through
+`cpt.replay.prefetch.ReplayPrefetcher`). The rows live in a memory-mapped token file
+`shard-NNN.tokens` of shape [slots, row_len] (uint16 or uint32); the per-slot task ids and the
+policy/RNG state live in `shard-NNN.meta.json`, which `flush()` replaces atomically. Only the small
+per-slot bookkeeping is held in RAM, never the rows. Each data-parallel rank owns its own shard
+(the shard index is part of the file names): no two processes ever write the same file, and a
+buffer object is not shared between processes. Within one process, row writes and reads are
+serialised by a lock, and when a prefetcher is attached `add()` first waits until every read
+submitted before it has completed, so a prefetched batch sees the buffer as it was when the read
+was submitted and never contains a partly written row. Draws with `sample_slots` are *with*
+replacement. After `flush()`, `ReplayBuffer.open()` continues with exactly the inserts and draws
+the original object would have made (both RNG states are part of the saved state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cpt.errors import CptError
+
+POLICIES = ("reservoir", "balanced", "fifo")
+_DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
+_FORMAT = 1
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # Linux; elsewhere reads just fault
+_MIN_ALL_ROWS = 1024  # first allocation of a growing ("all") shard; doubled when full
+
+
+class _Barrier(Protocol):
+    def barrier(self) -> None: ...
+
+
+def capacity_rows_from(capacity: str | float, unit: str, row_len: int) -> int | None:
+    """Buffer capacity in rows: None for "all", else tokens // (row_len - 1) or sequences, >= 1.
+
+    A row holds seq_len + 1 tokens but trains seq_len of them, hence row_len - 1 per row.
+    """
+    if isinstance(capacity, str):
+        if capacity.strip().lower() == "all":
+            return None
+        try:
+            value: float = float(capacity)
+        except ValueError:
+            raise CptError(
+                f"replay.buffer.capacity: expected 'all' or a number, got {capacity!r}"
+            ) from None
+    elif isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+        raise CptError(f"replay.buffer.capacity: expected 'all' or a number, got {capacity!r}")
+    else:
+        value = capacity
+    if not math.isfinite(value) or value <= 0:
+        raise CptError(f"replay.buffer.capacity: must be 'all' or > 0, got {capacity!r}")
+    if unit == "tokens":
+        if row_len < 2:
+            raise CptError(f"replay buffer: row_len must be >= 2, got {row_len}")
+        return max(1, int(value // (row_len - 1)))
+    if unit == "sequences":
+        return max(1, int(value))
+    raise CptError(f"replay.buffer.unit: expected 'tokens' or 'sequences', got {unit!r}")
+
+
+class ReplayBuffer:
+    """A fixed-capacity (or, with capacity_rows=None, keep-everything) replay shard on disk.
+
+    Policies: `reservoir` (Vitter's Algorithm R, uniform over all rows ever offered), `balanced`
+    (equal slot share per seen task, reservoir within each task) and `fifo` (ring buffer). With
+    capacity_rows=None every row is kept and the policy does not matter.
+    """
+
+    def __init__(self, directory: Path, row_len: int, capacity_rows: int | None,
+                 policy: str = "reservoir", dtype: Any = np.uint16, seed: int = 0,
+                 shard: int = 0, *, overwrite: bool = False) -> None:
+        dt = np.dtype(dtype)
+        if dt.name not in _DTYPES:
+            raise CptError(f"replay buffer: dtype must be uint16 or uint32, got {dt.name}")
+        if policy not in POLICIES:
+            raise CptError(f"replay.buffer.policy: expected one of {POLICIES}, got {policy!r}")
+        if row_len < 1 or (capacity_rows is not None and capacity_rows < 1):
+            raise CptError(f"replay buffer: need row_len >= 1 and capacity_rows >= 1 or None, "
+                           f"got {row_len}, {capacity_rows}")
+        self._configure(Path(directory), shard, row_len, capacity_rows, policy, dt, seed)
+        if self._tokens_path.exists() and not overwrite:
+            raise CptError(f"{self._tokens_path}: a replay buffer already exists there; reuse it "
+                           f"with ReplayBuffer.open or delete it")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        rows = capacity_rows if capacity_rows is not None else _MIN_ALL_ROWS
+        with open(self._tokens_path, "wb") as f:
+            f.truncate(rows * row_len * dt.itemsize)  # sparse: no disk used until written
+        self._map(rows)
+        seq = np.random.SeedSequence([seed, shard])
+        ins, smp = seq.spawn(2)
+        self._rng_insert = np.random.Generator(np.random.PCG64(ins))
+        self._rng_sample = np.random.Generator(np.random.PCG64(smp))
+        self.flush()
+
+    def _configure(self, directory: Path, shard: int, row_len: int, capacity: int | None,
+                   policy: str, dt: np.dtype, seed: int) -> None:
+        self.directory, self.shard, self.row_len = directory, shard, row_len
+        self.policy, self.dtype, self.seed = policy, dt, seed
+        self._capacity = capacity
+        self._tokens_path = directory / f"shard-{shard:03d}.tokens"
+        self._meta_path = directory / f"shard-{shard:03d}.meta.json"
+        self._lock = threading.Lock()
+        self._prefetcher: _Barrier | None = None
+        self._fill = 0
+        self._offered = 0
+        self._seen: dict[int, int] = {}
+        self._order: list[int] = []  # tasks in first-seen order (balanced quotas follow it)
+        self._task_slots: dict[int, list[int]] = {}
+        self._slot_task = np.empty(0, dtype=np.int64)
+        self._slot_pos = np.empty(0, dtype=np.int64)  # index of the slot in its task's list
+
+    def _map(self, rows: int) -> None:
+        if not hasattr(self, "_fd"):  # for read-ahead hints; closed with the object
+            self._fd = os.open(self._tokens_path, os.O_RDONLY)
+            self._close_fd = weakref.finalize(self, os.close, self._fd)
+        self._mm = np.memmap(self._tokens_path, dtype=self.dtype, mode="r+",
+                             shape=(rows, self.row_len))
+        self._rows = self._mm.view(np.ndarray)  # plain view: cheaper indexing, copies on fancy
+        grow = rows - len(self._slot_task)
+        if grow > 0:
+            self._slot_task = np.concatenate([self._slot_task, np.full(grow, -1, np.int64)])
+            self._slot_pos = np.concatenate([self._slot_pos, np.zeros(grow, np.int64)])
+
+    @classmethod
+    def open(cls, directory: Path, shard: int = 0) -> ReplayBuffer:
+        """Reopen a flushed buffer (e.g. a kept `replay.buffer.dir`) with its state."""
+        meta_path = Path(directory) / f"shard-{shard:03d}.meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CptError(f"{meta_path}: cannot read replay buffer metadata ({e})") from None
+        self = cls.__new__(cls)
+        self._configure(Path(directory), shard, meta["row_len"], meta["capacity_rows"],
+                        meta["policy"], _DTYPES[meta["dtype"]], meta["seed"])
+        itemsize = self.dtype.itemsize * self.row_len
+        size = self._tokens_path.stat().st_size if self._tokens_path.exists() else -1
+        if size <= 0 or size % itemsize or size // itemsize < (self._capacity or 0):
+            raise CptError(f"{self._tokens_path}: missing, truncated or not a whole number of "
+                           f"rows of {self.row_len} {self.dtype.name} tokens")
+        self._map(size // itemsize)
+        self._rng_insert = np.random.Generator(np.random.PCG64())
+        self._rng_sample = np.random.Generator(np.random.PCG64())
+        self.load_state_dict(meta)
+        return self
+
+    # -- introspection -------------------------------------------------------------------
+    @property
+    def fill(self) -> int:
+        return self._fill
+
+    @property
+    def capacity_rows(self) -> int | None:
+        return self._capacity
+
+    def counts_per_task(self) -> dict[int, int]:
+        return {t: len(self._task_slots.get(t, ())) for t in self._order}
+
+    def seen_per_task(self) -> dict[int, int]:
+        return dict(self._seen)
+
+    def attach(self, prefetcher: _Barrier | None) -> None:
+        """Make add() wait for `prefetcher.barrier()` before it overwrites any slot."""
+        if prefetcher is not None and self._prefetcher not in (None, prefetcher):
+            raise RuntimeError("a replay buffer serves one prefetcher at a time; close the other")
+        self._prefetcher = prefetcher
+
+    def detach(self, prefetcher: _Barrier) -> None:
+        if self._prefetcher is prefetcher:
+            self._prefetcher = None
+
+    # -- inserts -------------------------------------------------------------------------
+    def add(self, rows: np.ndarray, task_id: int) -> None:
+        """Offer rows [n, row_len] of one task; the policy decides which are stored where."""
+        rows = np.asarray(rows)
+        where = f"replay buffer {self._tokens_path}"
+        if rows.dtype.kind not in "iu":
+            raise CptError(f"{where}: rows must be integer token ids, got dtype {rows.dtype}")
+        if rows.ndim != 2 or rows.shape[1] != self.row_len:
+            raise CptError(f"{where}: rows must have shape [n, row_len={self.row_len}], "
+                           f"got {rows.shape}")
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or task_id < 0:
+            raise CptError(f"{where}: task_id must be an int >= 0, got {task_id!r}")
+        if rows.size and (rows.min() < 0 or rows.max() > np.iinfo(self.dtype).max):
+            raise CptError(f"{where}: token ids must lie in [0, {np.iinfo(self.dtype).max}] for "
+                           f"{self.dtype.name}, got [{rows.min()}, {rows.max()}]")
+        if len(rows) == 0:
+            return
+        if self._prefetcher is not None:
+            self._prefetcher.barrier()  # reads submitted before this add see the old rows
+        task = int(task_id)
+        with self._lock:
+            if task not in self._seen:
+                self._seen[task] = 0
+                self._order.append(task)
+            src, slots = self._place(len(rows), task)
+            if len(src) == 0:
+                return
+            if np.all(np.diff(slots) == 1):  # fill phase: one contiguous block write
+                self._rows[slots[0]:slots[-1] + 1] = rows[src]
+            else:
+                self._rows[slots] = rows[src]
+
+    def _place(self, n: int, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """Choose slots for n offered rows and update bookkeeping; returns (row idx, slot)."""
+        cap, start = self._capacity, self._offered
+        self._offered += n
+        if cap is None:
+            if self._fill + n > len(self._slot_task):
+                self._grow(max(2 * len(self._slot_task), self._fill + n))
+            src = np.arange(n)
+            slots = self._fill + src
+        elif self.policy == "fifo":
+            src = np.arange(max(0, n - cap), n)  # of a batch longer than cap only the tail stays
+            slots = (start + src) % cap
+        elif self.policy == "reservoir":
+            pos = start + 1 + np.arange(n)  # 1-based stream positions
+            j = np.where(pos <= cap, pos - 1, 0)
+            late = pos > cap
+            if late.any():  # Algorithm R: keep with prob cap/pos, into a uniform slot
+                j[late] = self._rng_insert.integers(0, pos[late])
+            keep = j < cap
+            src, slots = np.flatnonzero(keep), j[keep]
+        else:
+            self._seen[task] += n
+            return self._dedupe(*self._place_balanced(n, task))
+        self._seen[task] += n
+        for s in slots.tolist():
+            self._assign(s, task)
+        self._fill = max(self._fill, int(slots.max()) + 1 if len(slots) else 0)
+        return self._dedupe(src, slots)
+
+    def _place_balanced(self, n: int, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """Equal share per seen task; a task under its share evicts a random slot of the most
+        over-represented task, a task at/over its share does Algorithm R among its own slots.
+
+        A task's count never drops below its share (only over-represented tasks are evicted and
+        shares only shrink), so a task below its share has stored every row it offered, and
+        evicting uniformly from a uniform subset keeps it uniform.
+        """
+        cap = self._capacity
+        assert cap is not None
+        t_n, rem = divmod(cap, len(self._order))
+        quota = {t: t_n + (i < rem) for i, t in enumerate(self._order)}  # first-seen get +1
+        n_seen = self._seen[task] - n
+        src: list[int] = []
+        slots: list[int] = []
+        for i in range(n):
+            n_seen += 1
+            mine = self._task_slots.get(task, [])
+            if self._fill < cap:  # free slots are filled in order, never vacated later
+                slot = self._fill
+                self._fill += 1
+            elif len(mine) < quota[task]:
+                victim = max(self._order,
+                             key=lambda t: len(self._task_slots.get(t, ())) - quota[t])
+                vs = self._task_slots[victim]
+                slot = vs[int(self._rng_insert.integers(len(vs)))]
+            else:
+                j = int(self._rng_insert.integers(n_seen))
+                if j >= len(mine):
+                    continue
+                slot = mine[j]
+            self._assign(slot, task)
+            src.append(i)
+            slots.append(slot)
+        return np.asarray(src, dtype=np.int64), np.asarray(slots, dtype=np.int64)
+
+    def _assign(self, slot: int, task: int) -> None:
+        old = int(self._slot_task[slot])
+        if old >= 0:  # swap-remove from the old task's list; order is saved, so reloads match
+            lst = self._task_slots[old]
+            last = lst.pop()
+            if last != slot:
+                p = int(self._slot_pos[slot])
+                lst[p] = last
+                self._slot_pos[last] = p
+            if not lst:
+                del self._task_slots[old]
+        lst = self._task_slots.setdefault(task, [])
+        self._slot_pos[slot] = len(lst)
+        lst.append(slot)
+        self._slot_task[slot] = task
+
+    @staticmethod
+    def _dedupe(src: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Within one batch a later row may overwrite an earlier one's slot: keep the last."""
+        if len(np.unique(slots)) == len(slots):
+            return src, slots
+        last = {s: i for i, s in zip(src.tolist(), slots.tolist())}
+        return np.fromiter(last.values(), np.int64), np.fromiter(last.keys(), np.int64)
+
+    def _grow(self, rows: int) -> None:
+        self._mm.flush()
+        del self._rows, self._mm
+        with open(self._tokens_path, "r+b") as f:
+            f.truncate(rows * self.row_len * self.dtype.itemsize)
+        self._map(rows)
+
+    # -- sampling ------------------------------------------------------------------------
+    def sample_slots(self, n: int, eligible_tasks: Collection[int] | None = None,
+                     task_weights: dict[int, float] | None = None) -> np.ndarray:
+        """n slot indices drawn with replacement: uniform over eligible stored rows, or, with
+        task_weights, a task by weight (eligible tasks with rows; missing weight = 0) and then
+        a uniform slot of that task."""
+        if n <= 0:
+            if n < 0:
+                raise ValueError(f"n must be >= 0, got {n}")
+            return np.empty(0, dtype=np.int64)
+        with self._lock:
+            if eligible_tasks is None and task_weights is None:
+                if self._fill == 0:
+                    raise CptError(f"replay buffer {self._tokens_path}: no rows to replay yet")
+                return self._rng_sample.integers(0, self._fill, size=n)
+            tasks = sorted(t for t in self._task_slots
+                           if eligible_tasks is None or t in eligible_tasks)
+            if task_weights is not None:
+                w = np.array([float(task_weights.get(t, 0.0)) for t in tasks])
+                if not np.all(np.isfinite(w)) or np.any(w < 0):
+                    raise CptError(f"replay task weights must be finite and >= 0, got "
+                                   f"{task_weights}")
+                tasks = [t for t, x in zip(tasks, w) if x > 0]
+                w = w[w > 0]
+            if not tasks:
+                which = "any task" if eligible_tasks is None else f"tasks {sorted(eligible_tasks)}"
+                if task_weights is not None:
+                    which += f" with weight > 0 (weights {task_weights})"
+                raise CptError(f"replay buffer {self._tokens_path}: no stored rows of {which}; "
+                               f"rows per task: {self.counts_per_task()}")
+            counts = np.array([len(self._task_slots[t]) for t in tasks])
+            if task_weights is None:
+                u = self._rng_sample.integers(0, counts.sum(), size=n)
+                starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+                k = np.searchsorted(starts, u, side="right") - 1
+                off = u - starts[k]
+            else:
+                k = self._rng_sample.choice(len(tasks), size=n, p=w / w.sum())
+                off = self._rng_sample.integers(0, counts[k])
+            return np.array([self._task_slots[tasks[a]][b]
+                             for a, b in zip(k.tolist(), off.tolist())], dtype=np.int64)
+
+    def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the rows in `slots` (in that order) and their task ids."""
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if _WILLNEED is not None and len(slots) > 1:
+            # Page faults on the memmap read one row at a time (~1 ms each on a cold disk);
+            # announcing all rows first lets the kernel fetch them in parallel (~40x faster).
+            nbytes = self.row_len * self.dtype.itemsize
+            for s in slots.tolist():
+                os.posix_fadvise(self._fd, s * nbytes, nbytes, _WILLNEED)
+        with self._lock:
+            if len(slots) and (slots.min() < 0 or slots.max() >= self._fill):
+                raise IndexError(f"replay slots must lie in [0, {self._fill}), got "
+                                 f"[{slots.min()}, {slots.max()}]")
+            return self._rows[slots], self._slot_task[slots]
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (not the rows): config, counters, slot lists, RNG states."""
+        with self._lock:
+            return {
+                "format": _FORMAT, "row_len": self.row_len, "dtype": self.dtype.name,
+                "capacity_rows": self._capacity, "policy": self.policy, "seed": self.seed,
+                "shard": self.shard, "fill": self._fill, "offered": self._offered,
+                "seen": [[t, self._seen[t]] for t in self._order],
+                # each task's slots in list order; the order matters for identical future draws
+                "task_slots": [[t, list(s)] for t, s in self._task_slots.items()],
+                "rng_insert": self._rng_insert.bit_generator.state,
+                "rng_sample": self._rng_sample.bit_generator.state,
+            }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        where = f"replay buffer {self._tokens_path}"
+        for key, mine in (("row_len", self.row_len), ("dtype", self.dtype.name),
+                          ("capacity_rows", self._capacity), ("policy", self.policy)):
+            if d.get(key) != mine:
+                raise CptError(f"{where}: saved state has {key}={d.get(key)!r}, "
+                               f"the buffer has {mine!r}")
+        if d.get("format") != _FORMAT:
+            raise CptError(f"{where}: unknown state format {d.get('format')!r}")
+        if self._offered > d["offered"] and self._capacity is not None:
+            # The tokens file stays in place, so rows overwritten after the state was taken
+            # are not restored; the slot bookkeeping then describes older rows than stored.
+            warnings.warn(f"{where}: loading an older state ({d['offered']} rows offered) "
+                          f"than the buffer on disk ({self._offered}); slots overwritten since "
+                          f"hold newer rows", RuntimeWarning, stacklevel=2)
+        fill = int(d["fill"])
+        with self._lock:
+            if fill > len(self._slot_task):
+                raise CptError(f"{where}: state has {fill} rows but the file holds only "
+                               f"{len(self._slot_task)}")
+            self._fill, self._offered = fill, int(d["offered"])
+            self._order = [int(t) for t, _ in d["seen"]]
+            self._seen = {int(t): int(c) for t, c in d["seen"]}
+            self._task_slots = {int(t): [int(s) for s in sl] for t, sl in d["task_slots"]}
+            self._slot_task[:] = -1
+            for t, sl in self._task_slots.items():
+                idx = np.asarray(sl, dtype=np.int64)
+                self._slot_task[idx] = t
+                self._slot_pos[idx] = np.arange(len(idx))
+            self._rng_insert.bit_generator.state = d["rng_insert"]
+            self._rng_sample.bit_generator.state = d["rng_sample"]
+
+    def flush(self) -> None:
+        """Flush the rows to disk and atomically replace the metadata file."""
+        state = self.state_dict()
+        with self._lock:
+            self._mm.flush()
+        tmp = self._meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._meta_path)
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            del self._rows, self._mm
+        self._close_fd()
+
+    def __repr__(self) -> str:
+        return (f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self._fill}/"
+                f"{self._capacity or 'all'}, tasks={self.counts_per_task()})")
