@@ -1,0 +1,442 @@
+"""`cpt report`: compare finished runs in one markdown + self-contained HTML report with figures.
+
+This module reads run directories written by `cpt train` (`summary.json` for the metrics and
+loss matrix, `metrics.jsonl` for evaluations and gradient-alignment probes across steps),
+draws the figures with `plots`, assembles the document once as neutral blocks and renders it
+with `render` to `report.md` (PNG files linked by relative name) and `report.html` (PNGs
+embedded). A run the user points at that lacks or garbles `summary.json` is a `CptError`;
+`metrics.jsonl` is optional and may end in a line cut off by a killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpt.errors import CptError
+from cpt.report import plots
+from cpt.report.render import (
+    Block,
+    Bullets,
+    Heading,
+    Image,
+    Para,
+    Table,
+    to_html,
+    to_markdown,
+)
+
+__all__ = ["Run", "load_run", "write_report"]
+
+#: summary key -> table header, for the columns where lower is better.
+METRICS = {
+    "forgetting_score": "forgetting",
+    "retained_loss": "retained loss",
+    "learned_loss": "learned loss",
+    "avg_final_loss": "avg final loss",
+    "bwt": "BWT",
+}
+
+HOW_TO_READ = [
+    (
+        "With T tasks trained in order and `L[i][j]` the held-out loss on task j after "
+        "training task i (0-based; the last row is `L[T-1]`; the heatmaps show L, the "
+        "outlined diagonal is each task right after it was learned). Lower is better for "
+        "every metric:"
+    ),
+    Bullets(
+        [
+            "learned loss `= mean_i L[i][i]`: how well each task was learned when trained.",
+            "retained loss `= mean_{j<T-1} L[T-1][j]`: the earlier tasks at the end.",
+            (
+                "forgetting `= mean_{j<T-1} (L[T-1][j] - min_{j<=i<T-1} L[i][j])`: how "
+                "far each earlier task's loss rose above its best; 0 means nothing was "
+                "forgotten."
+            ),
+            (
+                "BWT `= mean_{j<T-1} (L[T-1][j] - L[j][j])`: backward transfer in loss, "
+                "so positive means forgetting and negative means later tasks helped."
+            ),
+            (
+                "avg final loss `= mean_j L[T-1][j]`: the final model on all tasks, the "
+                "number to compare with a joint run. A joint run trains on all tasks at "
+                "once: one row, whose mean is also its learned loss, and no forgetting or "
+                "BWT."
+            ),
+        ]
+    ),
+    (
+        "The curves show each task's validation loss across steps; dashed lines are "
+        "task boundaries and the name over each segment is the task being trained. A "
+        "task's curve climbing after its own segment is forgetting. The probe plots show "
+        "the cosine between the current task's gradient and an earlier task's (or the "
+        "replay batch's): below 0, a step on the current task raises that task's loss."
+    ),
+]
+
+
+@dataclass
+class Run:
+    """One run directory, validated; metric values missing from the summary are None."""
+
+    name: str
+    path: Path
+    summary: dict[str, Any]
+    tasks: list[str]
+    matrix: list[list[float]]
+    boundaries: list[float] | None
+    evals: list[dict[str, Any]]
+    probes: list[dict[str, Any]]
+
+    @property
+    def joint(self) -> bool:
+        return self.summary.get("strategy") == "joint" or len(self.matrix) == 1 < len(
+            self.tasks
+        )
+
+    @property
+    def row_labels(self) -> list[str]:
+        return (
+            ["joint (all)"]
+            if self.joint
+            else [f"after {t}" for t in self.tasks[: len(self.matrix)]]
+        )
+
+    @property
+    def task_colors(self) -> dict[str, Any]:
+        """Task -> colour, the same in the curves and the probe plot; replay in black."""
+        return {
+            **{t: plots.color(i) for i, t in enumerate(self.tasks)},
+            "replay": "black",
+        }
+
+    @property
+    def segment_labels(self) -> list[str]:
+        return (
+            ["train all tasks (joint)"]
+            if self.joint
+            else [f"train {t}" for t in self.tasks]
+        )
+
+    def metric(self, key: str) -> float | None:
+        v = self.summary.get(key)
+        return float(v) if _is_number(v) else None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)  # JSON true is not 1
+
+
+def _number(v: Any) -> float:
+    """A loss-matrix entry: a number, or null (not evaluated) as NaN."""
+    if v is None:
+        return math.nan
+    if not _is_number(v):
+        raise TypeError
+    return float(v)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of metrics.jsonl; a bad final line is a write cut short and is skipped."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, s in enumerate(lines) if s.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == last:
+                break
+            raise CptError(
+                f"{path}:{i + 1}: not valid JSON (only the last line of a killed run may be cut short)"
+            ) from None
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def load_run(path: Path) -> Run:
+    """Read and validate one run directory; raises CptError naming the offending file."""
+    path = Path(path)
+    file = path / "summary.json"
+    if not file.is_file():
+        raise CptError(
+            f"{file}: not found; pass run directories written by `cpt train`"
+        )
+    try:
+        s = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CptError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(s, dict):
+        raise CptError(f"{file}: expected a JSON object")
+    tasks = s.get("tasks")
+    if not (
+        isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)
+    ):
+        raise CptError(f"{file}: 'tasks' must be a non-empty list of task names")
+    try:
+        rows = s["loss_matrix"]
+        matrix = [[_number(v) for v in row] for row in rows]
+        if not 1 <= len(matrix) <= len(tasks) or any(
+            len(r) != len(tasks) for r in matrix
+        ):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise CptError(
+            f"{file}: 'loss_matrix' must be 1 to {len(tasks)} rows of {len(tasks)} numbers "
+            f"(one column per task)"
+        ) from None
+    for key in [
+        *METRICS,
+        "wall_seconds",
+        "tokens_per_second",
+        "replay_rate",
+        "meta_updates",
+    ]:
+        if s.get(key) is not None and not _is_number(s[key]):
+            raise CptError(f"{file}: '{key}' must be a number, got {s[key]!r}")
+    b = s.get("task_boundaries")
+    # Older or odd runs may lack boundaries: their figures then just have no segments.
+    ok = isinstance(b, list) and len(b) == len(matrix) and all(map(_is_number, b))
+    records = _read_metrics(path / "metrics.jsonl")
+
+    def of_type(kind: str, field: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in records
+            if r.get("type") == kind
+            and _is_number(r.get("step"))
+            and isinstance(r.get(field), dict)
+        ]
+
+    name = (
+        s["run"] if isinstance(s.get("run"), str) and s["run"] else path.resolve().name
+    )
+    return Run(
+        name,
+        path,
+        s,
+        tasks,
+        matrix,
+        [float(x) for x in b] if ok else None,
+        of_type("eval", "losses"),
+        of_type("probe", "cosine"),
+    )
+
+
+def _series(
+    records: list[dict[str, Any]], field: str, tasks: list[str]
+) -> dict[str, tuple[list[float], list[float]]]:
+    """{key: (steps, values)} from each record's `field` dict; tasks first, in task order,
+    then other keys such as "replay", so legends read in training order."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for r in sorted(records, key=lambda r: r["step"]):
+        for k, v in r[field].items():
+            if _is_number(v):
+                steps, vals = out.setdefault(k, ([], []))
+                steps.append(r["step"])
+                vals.append(v)
+    rank = {t: i for i, t in enumerate(tasks)}
+    return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _tokens(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "—"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def _table(runs: list[Run]) -> Table:
+    with_meta = any("meta_updates" in r.summary for r in runs)
+    header = [
+        "run",
+        "strategy",
+        *METRICS.values(),
+        "tokens new / replay",
+        *(["meta-updates"] if with_meta else []),
+        "wall time (s)",
+    ]
+    rows: list[list[Any]] = []
+    for r in runs:
+        tok = (
+            r.summary.get("tokens") if isinstance(r.summary.get("tokens"), dict) else {}
+        )
+        meta = r.summary.get("meta_updates")
+        wall = r.metric("wall_seconds")
+        rows.append(
+            [
+                r.name,
+                str(r.summary.get("strategy", "—")),
+                *(r.metric(k) for k in METRICS),
+                f"{_tokens(tok.get('new'))} / {_tokens(tok.get('replay', 0))}",
+                *([str(meta) if meta is not None else "—"] if with_meta else []),
+                "—" if wall is None else f"{wall:.1f}",
+            ]
+        )
+    return Table(header, rows, frozenset(range(2, 2 + len(METRICS))))
+
+
+def _details(r: Run) -> str:
+    s = r.summary
+    parts = [
+        " → ".join(r.tasks),
+        f"{s['steps']} steps" if isinstance(s.get("steps"), int) else None,
+        f"replay rate {s['replay_rate']:g}"
+        if r.metric("replay_rate") is not None
+        else None,
+        f"alignment: {s['alignment']}" if s.get("alignment") else None,
+        f"{s['tokens_per_second']:,.0f} tokens/s"
+        if r.metric("tokens_per_second") is not None
+        else None,
+        f"directory `{r.path}`",
+    ]
+    return " · ".join(p for p in parts if p)
+
+
+def write_report(
+    run_dirs: list[Path], out: Path, title: str = "cpt report"
+) -> dict[str, Path]:
+    """Write report.md, report.html and the PNG figures for `run_dirs` into `out`.
+
+    Returns {file name: path} for everything written. All runs are loaded (and validated)
+    before anything is written, so a bad run directory leaves `out` untouched.
+    """
+    if not run_dirs:
+        raise CptError("cpt report: give at least one run directory")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for (
+        r
+    ) in runs:  # runs are keyed by name in legends and file names: keep names unique
+        seen[r.name] = seen.get(r.name, 0) + 1
+        r.name += f" ({seen[r.name]})" if seen[r.name] > 1 else ""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def figure(
+        name: str, alt: str, draw: Callable[..., Path], *args: Any, **kw: Any
+    ) -> Image:
+        written[name] = draw(out / name, *args, **kw)
+        return Image(name, alt)
+
+    names = [r.name for r in runs]
+    blocks: list[Block] = [
+        Para(f"{len(runs)} run(s): " + ", ".join(f"`{n}`" for n in names) + "."),
+        Heading("Summary"),
+        _table(runs),
+        Heading("How to read this"),
+        *(b if isinstance(b, Bullets) else Para(b) for b in HOW_TO_READ),
+        Heading("Strategy comparison"),
+        figure(
+            "compare.png",
+            "forgetting, learned loss and average final loss per run",
+            plots.compare_bars,
+            names,
+            {
+                "forgetting": [r.metric("forgetting_score") for r in runs],
+                "learned loss": [r.metric("learned_loss") for r in runs],
+                "avg final loss": [r.metric("avg_final_loss") for r in runs],
+            },
+        ),
+    ]
+
+    # Forgetting at a glance: every run's loss on the first task, on one axis. Task
+    # segments are drawn only when all sequential runs share them.
+    first = {r.name: _series(r.evals, "losses", r.tasks).get(r.tasks[0]) for r in runs}
+    if first := {k: v for k, v in first.items() if v}:
+        seq = [r for r in runs if not r.joint and r.boundaries]
+        same = bool(seq) and all(
+            (r.boundaries, r.tasks) == (seq[0].boundaries, seq[0].tasks) for r in seq
+        )
+        task0 = runs[0].tasks[0]
+        blocks += [
+            Heading("Loss on the first task across training"),
+            figure(
+                "first_task.png",
+                "loss on the first task across training, one line per run",
+                plots.line_plot,
+                first,
+                f"Loss on the first task ({task0}) across training",
+                f"validation loss on {task0}",
+                seq[0].boundaries if same else None,
+                seq[0].segment_labels if same else None,
+                colors={r.name: plots.color(i) for i, r in enumerate(runs)},
+            ),
+        ]
+
+    # One colour scale for all heatmaps, so the same colour means the same loss in every run.
+    losses = [v for r in runs for row in r.matrix for v in row if not math.isnan(v)]
+    vrange = (min(losses), max(losses)) if losses else None
+    blocks.append(Heading("Runs"))
+    slugs: set[str] = set()
+    for r in runs:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", r.name).strip("-.") or "run"
+        while slug in slugs:  # distinct names can still share a slug ("a b", "a-b")
+            slug += "_"
+        slugs.add(slug)
+        blocks += [
+            Heading(f"{r.name} ({r.summary.get('strategy', '?')})", 3),
+            Para(_details(r)),
+            figure(
+                f"matrix_{slug}.png",
+                f"{r.name} loss matrix",
+                plots.loss_heatmap,
+                r.matrix,
+                r.tasks,
+                r.row_labels,
+                f"{r.name}: loss matrix",
+                vrange,
+            ),
+        ]
+        if curves := _series(r.evals, "losses", r.tasks):
+            blocks.append(
+                figure(
+                    f"curves_{slug}.png",
+                    f"{r.name} validation loss per task across training",
+                    plots.line_plot,
+                    curves,
+                    f"{r.name}: validation loss per task",
+                    "validation loss",
+                    r.boundaries,
+                    r.segment_labels,
+                    r.task_colors,
+                )
+            )
+        else:
+            blocks.append(Para("No evaluations in `metrics.jsonl`; no curves."))
+        if probe := _series(r.probes, "cosine", r.tasks):
+            blocks.append(
+                figure(
+                    f"probe_{slug}.png",
+                    f"{r.name} gradient cosine similarity across training",
+                    plots.line_plot,
+                    probe,
+                    f"{r.name}: gradient alignment with the current task",
+                    "cosine similarity",
+                    r.boundaries,
+                    r.segment_labels,
+                    r.task_colors,
+                    zero_line=True,
+                )
+            )
+
+    (out / "report.md").write_text(to_markdown(title, blocks), encoding="utf-8")
+    (out / "report.html").write_text(to_html(title, blocks, out), encoding="utf-8")
+    return {
+        "report.md": out / "report.md",
+        "report.html": out / "report.html",
+        **written,
+    }
