@@ -112,7 +112,8 @@ def mer_run(tmp_path_factory, small_texts):
     cfg = validate(
         tiny_config(
             small_texts,
-            replay={"rate": 0.25},
+            # a small reservoir, so rows are overwritten between checkpoints and resume must undo them
+            replay={"rate": 0.25, "buffer": {"capacity": 30, "capacity_unit": "sequences"}},
             alignment={"method": "reptile", "k": 7, "beta": 0.5, "probe_every": 10},
             checkpoint={"every": 10, "keep": 50, "task_ends": False},
         )
@@ -132,7 +133,7 @@ def test_run_reports_meta_updates_and_probe(mer_run):
     assert all(-1 <= v <= 1 for p in probes for v in p["cosine"].values())
 
 
-def test_anchor_survives_a_resume(mer_run, tmp_path):
+def test_anchor_and_replay_buffer_survive_a_resume(mer_run, tmp_path):
     out, original = mer_run
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)

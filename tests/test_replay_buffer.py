@@ -1,14 +1,21 @@
 """Replay buffer: insert policies are statistically what they claim, sampling honours eligibility
-and weights, state survives flush/open bit-exactly, and prefetched rows are never torn or newer
+and weights, state survives flush/open bit-exactly, an older flushed state brings back its rows
+through the undo journals (also after a killed writer), and prefetched rows are never torn or newer
 than at submit time."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+import cpt.replay.buffer
 from cpt.errors import CptError
 from cpt.replay import ReplayBuffer, ReplayPrefetcher, capacity_rows_from
 
@@ -167,9 +174,128 @@ def test_open_refuses_mismatched_state_and_existing_files(tmp_path):
     buf.add(_rows(np.arange(5)), 0)
     buf.flush()
     reopened = ReplayBuffer.open(tmp_path, 0)
-    with pytest.warns(RuntimeWarning, match="older state"):  # the rows file is not rolled back
-        reopened.load_state_dict(old_state)
+    reopened.load_state_dict(old_state)
     assert reopened.fill == 0
+
+
+def _feed(buf: ReplayBuffer, rng: np.random.Generator, batches: int, first_id: int) -> int:
+    """Offer `batches` batches of fresh ids (mixed sizes, three tasks); returns the next id."""
+    for _ in range(batches):
+        n = int(rng.choice([1, 3, 7, 25]))  # 25 > capacity: in-batch collisions, fifo tail
+        buf.add(_rows(np.arange(first_id, first_id + n) % 60000), int(rng.integers(3)))
+        first_id += n
+    return first_id
+
+
+# Adds rows to a reopened buffer, then SIGKILLs itself (no close, no flush). It loads buffer.py
+# by path so that it starts in a fraction of a second (cpt.replay imports torch).
+_KILLED_WRITER = """
+import importlib.util, os, signal, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("cpt_buffer_child", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+buf = mod.ReplayBuffer.open(sys.argv[2], 0)
+rng = np.random.default_rng(0)
+for _ in range(20):
+    ids = rng.integers(0, 60000, size=int(rng.choice([1, 3, 7, 25])))
+    buf.add(np.repeat(ids[:, None], buf.row_len, axis=1), int(rng.integers(3)))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _tokens(directory, nbytes=None) -> bytes:
+    raw = (directory / "shard-000.tokens").read_bytes()
+    return raw if nbytes is None else raw[:nbytes]
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "balanced", "fifo"])
+def test_resume_from_an_older_flush_restores_rows_and_continues_identically(tmp_path, policy):
+    d, twin_dir = tmp_path / "buf", tmp_path / "twin"
+    rng = np.random.default_rng(7)
+    a = ReplayBuffer(d, ROW, 20, policy, seed=5)
+    nxt = _feed(a, rng, 12, 0)
+    a.sample_slots(3)
+    a.flush()  # the checkpoint we will resume from
+    snap = json.loads(json.dumps(a.state_dict()))
+    nbytes = snap["fill"] * ROW * 2
+    snap_rows = _tokens(d, nbytes)
+    shutil.copytree(d, twin_dir)  # what an uninterrupted run would continue from
+    nxt = _feed(a, rng, 30, nxt)  # overwrites most slots
+    a.flush()  # two newer checkpoints, then a kill mid-epoch
+    nxt = _feed(a, rng, 30, nxt)
+    a.close()
+    last = a.state_dict()
+    last_rows = _tokens(d, last["fill"] * ROW * 2)
+    child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, cpt.replay.buffer.__file__, str(d)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert _tokens(d, nbytes) != snap_rows and _tokens(d, len(last_rows)) != last_rows
+
+    b = ReplayBuffer.open(d, 0)  # undoes the rows written after the last flush
+    assert _tokens(d, len(last_rows)) == last_rows and b.state_dict() == last
+    b.load_state_dict(snap)  # the newest checkpoint was corrupt: resume from the older one
+    assert _tokens(d, nbytes) == snap_rows
+    assert b.state_dict() == snap
+    assert json.loads((d / "shard-000.meta.json").read_text())["offered"] == snap["offered"]
+    assert sorted(p.name for p in d.glob("*.undo-*")) == [f"shard-000.undo-{snap['mark']}.bin"]
+    twin = ReplayBuffer.open(twin_dir, 0)
+    feed = np.random.default_rng(11)
+    for step in range(50):
+        rows = _rows(feed.integers(0, 60000, size=int(feed.integers(1, 9))))
+        b.add(rows, step % 4)
+        twin.add(rows, step % 4)
+        kw = [{}, {"eligible_tasks": {0, 3}}, {"task_weights": {1: 2.0, 3: 1.0}}][step % 3]
+        sa, sb = b.sample_slots(4, **kw), twin.sample_slots(4, **kw)
+        assert (sa == sb).all()
+        (ra, ta), (rb, tb) = b.read(sa), twin.read(sb)
+        assert (ra == rb).all() and (ta == tb).all()
+    assert b.state_dict() == twin.state_dict()
+    assert _tokens(d, b.fill * ROW * 2) == _tokens(twin_dir, b.fill * ROW * 2)
+
+
+def test_a_missing_undo_journal_is_an_error_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    a = ReplayBuffer(tmp_path, ROW, 20, "reservoir")
+    nxt = _feed(a, rng, 10, 0)
+    a.flush()
+    snap = a.state_dict()
+    journal = tmp_path / f"shard-000.undo-{snap['mark']}.bin"
+    nxt = _feed(a, rng, 10, nxt)
+    a.flush()
+    os.remove(journal)
+    before = _tokens(tmp_path)
+    with pytest.raises(CptError, match=rf"shard-000\.tokens: undo journal .*{journal.name} is missing"):
+        ReplayBuffer.open(tmp_path, 0).load_state_dict(snap)
+    assert _tokens(tmp_path) == before  # nothing was half restored
+    for _ in range(5):  # journals of older epochs are pruned: only the newest kept
+        nxt = _feed(a, rng, 3, nxt)
+        a.flush(keep_journals=2)
+    assert len(list(tmp_path.glob("*.undo-*"))) == 2
+    old = a.state_dict()
+    nxt = _feed(a, rng, 3, nxt)
+    a.flush(keep_journals=1)
+    with pytest.raises(CptError, match=rf"undo journal .*undo-{old['mark']}\.bin is missing"):
+        a.load_state_dict(old)
+    nxt = _feed(a, rng, 3, nxt)  # a state taken between flushes is only valid where it was taken
+    mid = a.state_dict()
+    a.load_state_dict(mid)
+    _feed(a, rng, 3, nxt)
+    with pytest.raises(CptError, match="right after flush"):
+        a.load_state_dict(mid)
+
+
+def test_all_capacity_rolls_back_by_fill_without_journals(tmp_path):
+    a = ReplayBuffer(tmp_path, ROW, None)
+    a.add(_rows(np.arange(30)), 0)
+    a.flush()
+    snap = a.state_dict()
+    a.add(_rows(np.arange(30, 2000)), 1)
+    a.flush()
+    b = ReplayBuffer.open(tmp_path, 0)
+    b.load_state_dict(snap)
+    assert b.fill == 30 and (b.read(np.arange(30))[0][:, 0] == np.arange(30)).all()
+    assert not list(tmp_path.glob("*.undo-*"))
 
 
 def test_prefetch_never_returns_torn_or_newer_rows(tmp_path):

@@ -13,6 +13,24 @@ submitted before it has completed, so a prefetched batch sees the buffer as it w
 was submitted and never contains a partly written row. Draws with `sample_slots` are *with*
 replacement. After `flush()`, `ReplayBuffer.open()` continues with exactly the inserts and draws
 the original object would have made (both RNG states are part of the saved state).
+
+Exact resume from an older state (undo journals). The tokens file is updated in place, so a
+state taken at a checkpoint describes rows that later inserts may overwrite. Every `flush()`
+that follows new inserts starts a *journal epoch* named by its mark, the `offered` count at that
+moment (saved in the state as "mark"): before `add()` first overwrites, within the epoch, a slot
+that already held a row when the epoch began, it appends (slot, old task id, old row) to
+`shard-NNN.undo-<mark>.bin` and flushes that file, and only then writes the row. Slots filled
+for the first time need no record (the state's fill count rolls them back). `load_state_dict`
+of a state taken right after a flush applies the journals of that epoch and every later one,
+newest first and within each epoch the first record of each slot, so rows [0, fill) are then
+byte for byte what they were when the state was taken; it then makes that state the one on
+disk and starts a fresh epoch there. `open()` does the same for the saved state, which also
+undoes rows written after the last flush by a process that was killed. A missing journal is a
+CptError. `flush(keep_journals=N)` keeps the journals of the newest N epochs only: to resume
+from any of the last K checkpoints (each preceded by one flush) keep at least K + 1.
+Journals are written with buffered appends and a flush per `add()`, without fsync, so they
+protect against a killed process, not against losing the machine's power. A growing ("all")
+buffer never overwrites a row and keeps no journal.
 """
 
 from __future__ import annotations
@@ -21,7 +39,6 @@ import json
 import math
 import os
 import threading
-import warnings
 import weakref
 from collections.abc import Collection
 from pathlib import Path
@@ -36,6 +53,9 @@ _DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 _FORMAT = 1
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # Linux; elsewhere reads just fault
 _MIN_ALL_ROWS = 1024  # first allocation of a growing ("all") shard; doubled when full
+_UNDO_MAGIC = b"CPTUNDO1"
+_UNDO_HEADER = len(_UNDO_MAGIC) + 4 * 8  # magic, then int64 mark, fill at mark, row_len, itemsize
+_APPLY_CHUNK = 4096  # journal records restored per fancy-indexed write
 
 
 class _Barrier(Protocol):
@@ -121,6 +141,16 @@ class ReplayBuffer:
         self._task_slots: dict[int, list[int]] = {}
         self._slot_task = np.empty(0, dtype=np.int64)
         self._slot_pos = np.empty(0, dtype=np.int64)  # index of the slot in its task's list
+        # undo journal (finite capacity only): the current epoch began at offered == _mark with
+        # _mark_fill rows; _journaled marks slots already recorded in it; _marks lists the epochs
+        # whose journals are kept, oldest first; _meta_mark is the mark of the state in the
+        # metadata file
+        self._mark = self._meta_mark = self._mark_fill = 0
+        self._marks: list[int] = []
+        self._journaled = np.zeros(capacity or 0, dtype=bool)
+        self._journal: Any = None  # append handle of the current epoch's journal
+        self._old_task: dict[int, int] | None = None  # slot -> task before this add() (journal)
+        self._rec_dtype = np.dtype([("slot", "<i8"), ("task", "<i8"), ("row", dt, (row_len,))])
 
     def _map(self, rows: int) -> None:
         if not hasattr(self, "_fd"):  # for read-ahead hints; closed with the object
@@ -153,7 +183,14 @@ class ReplayBuffer:
         self._map(size // itemsize)
         self._rng_insert = np.random.Generator(np.random.PCG64())
         self._rng_sample = np.random.Generator(np.random.PCG64())
-        self.load_state_dict(meta)
+        self._offered = int(meta["offered"])
+        self._mark = self._meta_mark = int(meta.get("mark", self._offered))
+        if self._capacity is not None:
+            if "journals" not in meta:  # written before undo journals existed: start one now
+                self._reset_journal(self._mark)
+                meta["journals"] = [self._mark]
+            self._marks = [int(m) for m in meta["journals"]]
+        self.load_state_dict(meta)  # also undoes rows written after the last flush
         return self
 
     # -- introspection -------------------------------------------------------------------
@@ -202,10 +239,18 @@ class ReplayBuffer:
             self._prefetcher.barrier()  # reads submitted before this add see the old rows
         task = int(task_id)
         with self._lock:
+            if self._capacity is not None and self._journal is None:
+                raise CptError(f"{where}: the buffer is closed")
             if task not in self._seen:
                 self._seen[task] = 0
                 self._order.append(task)
-            src, slots = self._place(len(rows), task)
+            self._old_task = {} if self._capacity is not None else None
+            try:
+                src, slots = self._place(len(rows), task)
+                if len(src) and self._capacity is not None:
+                    self._record_undo(slots)
+            finally:
+                self._old_task = None
             if len(src) == 0:
                 return
             if np.all(np.diff(slots) == 1):  # fill phase: one contiguous block write
@@ -278,8 +323,25 @@ class ReplayBuffer:
             slots.append(slot)
         return np.asarray(src, dtype=np.int64), np.asarray(slots, dtype=np.int64)
 
+    def _record_undo(self, slots: np.ndarray) -> None:
+        """Journal, before they are overwritten, the rows of `slots` that held a row when the
+        epoch began and are not journaled in it yet; the file is flushed before returning."""
+        need = slots[slots < self._mark_fill]
+        need = need[~self._journaled[need]]
+        if len(need) == 0:
+            return
+        rec = np.empty(len(need), dtype=self._rec_dtype)
+        rec["slot"] = need
+        rec["task"] = [self._old_task[s] for s in need.tolist()]  # type: ignore[index]
+        rec["row"] = self._rows[need]
+        self._journal.write(rec.tobytes())
+        self._journal.flush()  # journal first, then the row
+        self._journaled[need] = True
+
     def _assign(self, slot: int, task: int) -> None:
         old = int(self._slot_task[slot])
+        if self._old_task is not None:
+            self._old_task.setdefault(slot, old)  # the first assignment in a batch saw the row
         if old >= 0:  # swap-remove from the old task's list; order is saved, so reloads match
             lst = self._task_slots[old]
             last = lst.pop()
@@ -370,18 +432,29 @@ class ReplayBuffer:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (not the rows): config, counters, slot lists, RNG states."""
         with self._lock:
-            return {
-                "format": _FORMAT, "row_len": self.row_len, "dtype": self.dtype.name,
-                "capacity_rows": self._capacity, "policy": self.policy, "seed": self.seed,
-                "shard": self.shard, "fill": self._fill, "offered": self._offered,
-                "seen": [[t, self._seen[t]] for t in self._order],
-                # each task's slots in list order; the order matters for identical future draws
-                "task_slots": [[t, list(s)] for t, s in self._task_slots.items()],
-                "rng_insert": self._rng_insert.bit_generator.state,
-                "rng_sample": self._rng_sample.bit_generator.state,
-            }
+            return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT, "row_len": self.row_len, "dtype": self.dtype.name,
+            "capacity_rows": self._capacity, "policy": self.policy, "seed": self.seed,
+            "shard": self.shard, "fill": self._fill, "offered": self._offered,
+            "mark": self._mark,  # the journal epoch (offered at the last flush)
+            "seen": [[t, self._seen[t]] for t in self._order],
+            # each task's slots in list order; the order matters for identical future draws
+            "task_slots": [[t, list(s)] for t, s in self._task_slots.items()],
+            "rng_insert": self._rng_insert.bit_generator.state,
+            "rng_sample": self._rng_sample.bit_generator.state,
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Load a state of this buffer; with a finite capacity also restore the rows it saw.
+
+        A state taken right after `flush()` (as the training loop saves it) can be loaded while
+        its journal and those of all later epochs are kept: rows [0, fill) are restored, the
+        state is written to the metadata file and a fresh journal epoch starts there. A state
+        taken after later inserts can only be loaded while the buffer is still exactly there.
+        """
         where = f"replay buffer {self._tokens_path}"
         for key, mine in (("row_len", self.row_len), ("dtype", self.dtype.name),
                           ("capacity_rows", self._capacity), ("policy", self.policy)):
@@ -390,41 +463,172 @@ class ReplayBuffer:
                                f"the buffer has {mine!r}")
         if d.get("format") != _FORMAT:
             raise CptError(f"{where}: unknown state format {d.get('format')!r}")
-        if self._offered > d["offered"] and self._capacity is not None:
-            # The tokens file stays in place, so rows overwritten after the state was taken
-            # are not restored; the slot bookkeeping then describes older rows than stored.
-            warnings.warn(f"{where}: loading an older state ({d['offered']} rows offered) "
-                          f"than the buffer on disk ({self._offered}); slots overwritten since "
-                          f"hold newer rows", RuntimeWarning, stacklevel=2)
-        fill = int(d["fill"])
+        fill, offered = int(d["fill"]), int(d["offered"])
+        mark = int(d.get("mark", offered))  # states saved before journals: taken at a flush
+        task_slots = {int(t): [int(s) for s in sl] for t, sl in d["task_slots"]}
+        if self._prefetcher is not None:
+            self._prefetcher.barrier()  # rows may be restored below
         with self._lock:
             if fill > len(self._slot_task):
                 raise CptError(f"{where}: state has {fill} rows but the file holds only "
                                f"{len(self._slot_task)}")
-            self._fill, self._offered = fill, int(d["offered"])
+            slot_task = np.full(len(self._slot_task), -1, dtype=np.int64)
+            slot_pos = np.zeros(len(self._slot_task), dtype=np.int64)
+            for t, sl in task_slots.items():
+                idx = np.asarray(sl, dtype=np.int64)
+                slot_task[idx] = t
+                slot_pos[idx] = np.arange(len(idx))
+            restart = False
+            if self._capacity is not None:
+                if offered != mark:  # taken between flushes: only "here" is restorable
+                    if (mark, offered) != (self._mark, self._offered):
+                        raise CptError(
+                            f"{where}: the state was taken {offered - mark} row(s) after a flush "
+                            f"and the buffer has moved on ({self._offered} rows offered); only "
+                            f"states taken right after flush() can be restored")
+                else:
+                    restart = self._undo_to(mark, slot_task[:fill], where) or mark != self._meta_mark
+                    restart = restart or self._offered != offered
+            self._fill, self._offered = fill, offered
             self._order = [int(t) for t, _ in d["seen"]]
             self._seen = {int(t): int(c) for t, c in d["seen"]}
-            self._task_slots = {int(t): [int(s) for s in sl] for t, sl in d["task_slots"]}
-            self._slot_task[:] = -1
-            for t, sl in self._task_slots.items():
-                idx = np.asarray(sl, dtype=np.int64)
-                self._slot_task[idx] = t
-                self._slot_pos[idx] = np.arange(len(idx))
+            self._task_slots = task_slots
+            self._slot_task, self._slot_pos = slot_task, slot_pos
             self._rng_insert.bit_generator.state = d["rng_insert"]
             self._rng_sample.bit_generator.state = d["rng_sample"]
+            if self._capacity is None:
+                self._mark = mark
+                return
+            if offered != mark:
+                return
+            self._mark = mark
+            self._marks = [m for m in self._marks if m <= mark]
+            state = self._state() if restart else None
+        if state is not None:  # the metadata first, then drop the journals it no longer lists
+            self._write_meta(state)
+        with self._lock:
+            self._drop_journals()
+            self._reset_journal(mark)
+            self._mark_fill = fill
+            self._journaled[:] = False
 
-    def flush(self) -> None:
-        """Flush the rows to disk and atomically replace the metadata file."""
-        state = self.state_dict()
+    def _undo_to(self, mark: int, slot_task: np.ndarray, where: str) -> bool:
+        """Restore the rows as of the flush at `mark` from the journals; True if any changed."""
+        if mark > self._mark:
+            raise CptError(f"{where}: the state ({mark} rows offered) is newer than the buffer "
+                           f"on disk ({self._mark}); it belongs to another copy of the buffer")
+        chain = [m for m in self._marks if m >= mark]
+        if not chain or chain[0] != mark:
+            raise CptError(f"{where}: undo journal {self._journal_path(mark)} is missing (kept "
+                           f"epochs: {self._marks}); cannot restore the rows of the state with "
+                           f"{mark} rows offered")
+        journals = [self._read_journal(m, where) for m in chain]
+        # each slot's row at `mark` is its first record in the oldest epoch that recorded it
+        firsts = []
+        got = np.full(len(slot_task), -1, dtype=np.int64)
+        for rec in journals:
+            slots = np.asarray(rec["slot"])
+            if len(slots) and (slots.min() < 0 or slots.max() >= len(self._slot_task)):
+                raise CptError(f"{where}: a journal names slots outside the file")
+            _, first = np.unique(slots, return_index=True)
+            firsts.append(first)
+        for rec, first in zip(reversed(journals), reversed(firsts)):
+            slots = np.asarray(rec["slot"])[first]
+            keep = slots < len(got)
+            got[slots[keep]] = np.asarray(rec["task"])[first][keep]
+        bad = (got >= 0) & (got != slot_task)
+        if bad.any():
+            s = int(np.flatnonzero(bad)[0])
+            raise CptError(f"{where}: the undo journals do not match the state (slot {s} held "
+                           f"task {int(got[s])}, the state says {int(slot_task[s])}); the state "
+                           f"belongs to another run's buffer")
+        changed = False
+        for rec, first in zip(reversed(journals), reversed(firsts)):
+            for i in range(0, len(first), _APPLY_CHUNK):
+                part = rec[np.sort(first[i:i + _APPLY_CHUNK])]
+                self._rows[part["slot"]] = part["row"]
+                changed = True
+        if changed:
+            self._mm.flush()
+        return changed
+
+    # -- undo journals -------------------------------------------------------------------
+    def _journal_path(self, mark: int) -> Path:
+        return self.directory / f"shard-{self.shard:03d}.undo-{mark}.bin"
+
+    def _reset_journal(self, mark: int) -> None:
+        """Make `mark`'s journal an empty one (atomically) and append to it from now on."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        path = self._journal_path(mark)
+        tmp = path.with_suffix(".bin.tmp")
+        head = np.array([mark, self._fill, self.row_len, self.dtype.itemsize], dtype="<i8")
+        with open(tmp, "wb") as f:
+            f.write(_UNDO_MAGIC + head.tobytes())
+        os.replace(tmp, path)
+        self._journal = open(path, "ab")  # kept open for the epoch
+
+    def _read_journal(self, mark: int, where: str) -> np.ndarray:
+        path = self._journal_path(mark)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_UNDO_HEADER)
+            size = path.stat().st_size
+        except OSError:
+            raise CptError(f"{where}: undo journal {path} is missing; cannot restore the rows "
+                           f"of an older state") from None
+        ok = len(head) == _UNDO_HEADER and head.startswith(_UNDO_MAGIC)
+        vals = np.frombuffer(head[len(_UNDO_MAGIC):], dtype="<i8") if ok else None
+        if vals is None or int(vals[0]) != mark or int(vals[2]) != self.row_len or \
+                int(vals[3]) != self.dtype.itemsize:
+            raise CptError(f"{where}: {path} is not an undo journal of this buffer")
+        n = (size - _UNDO_HEADER) // self._rec_dtype.itemsize  # a torn last record: row unwritten
+        if n == 0:
+            return np.empty(0, dtype=self._rec_dtype)
+        return np.memmap(path, dtype=self._rec_dtype, mode="r", offset=_UNDO_HEADER, shape=(n,))
+
+    def _drop_journals(self) -> None:
+        """Delete this shard's journals that are not in _marks (pruned, undone or stray)."""
+        keep = {self._journal_path(m).name for m in self._marks}
+        for p in self.directory.glob(f"shard-{self.shard:03d}.undo-*.bin*"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+    def _write_meta(self, state: dict[str, Any]) -> None:
+        meta = {**state, "journals": list(self._marks)}
+        tmp = self._meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self._meta_path)
+        self._meta_mark = int(state["mark"])
+
+    def flush(self, keep_journals: int = 3) -> None:
+        """Flush the rows, start a new journal epoch if rows were offered since the last one,
+        atomically replace the metadata file and keep the journals of the newest
+        `keep_journals` epochs (>= 1; the current one included)."""
+        if keep_journals < 1:
+            raise ValueError(f"keep_journals must be >= 1, got {keep_journals}")
         with self._lock:
             self._mm.flush()
-        tmp = self._meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._meta_path)
+            if self._capacity is None:
+                self._mark = self._offered
+            elif self._journal is None or self._offered != self._mark:
+                self._reset_journal(self._offered)  # before the metadata that names it
+                self._mark, self._mark_fill = self._offered, self._fill
+                self._journaled[:] = False
+                self._marks.append(self._mark)
+            self._marks = self._marks[-keep_journals:]
+        self._write_meta(self.state_dict())
+        if self._capacity is not None:
+            with self._lock:
+                self._drop_journals()
 
     def close(self) -> None:
         self.flush()
         with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
             del self._rows, self._mm
         self._close_fd()
 

@@ -93,7 +93,8 @@ class MixedBatchSource:
         self.prefetcher = prefetcher
         self.include_current = include_current
         self.task_weights = task_weights
-        self.pending: dict[int, np.ndarray] = {}  # step -> slots already drawn (and submitted)
+        self.pending: dict[int, np.ndarray] = {}  # step -> slots drawn and submitted to the prefetcher
+        self.ready: dict[int, np.ndarray] = {}  # step -> rows drawn and read
         self.stats = ReplayStats([0] * len(plan.task_ends), [0] * len(plan.task_ends))
         self._new_rows: np.ndarray | None = None
         self._task: int = 0
@@ -103,8 +104,12 @@ class MixedBatchSource:
         return list(range(task + 1 if self.include_current else task))
 
     def _draw(self, step: int) -> None:
-        """Choose replay slots for `step` from the buffer as it is now, and start reading them."""
-        if step >= self.plan.total_steps or step in self.pending or self.buffer is None:
+        """Choose replay slots for `step` from the buffer as it is now, and start reading them.
+
+        The rows are the buffer's contents at draw time on both paths (prefetched or not), so a
+        run is the same with prefetch on or off, and a checkpoint stores drawn rows, not slots.
+        """
+        if step >= self.plan.total_steps or step in self.pending or step in self.ready or self.buffer is None:
             return
         n = self.plan.replay_rows[step]
         if n == 0:
@@ -112,7 +117,7 @@ class MixedBatchSource:
         task = self.plan.task_of_step[step]
         eligible = [t for t in self._eligible(task) if self.buffer.counts_per_task().get(t, 0) > 0]
         if not eligible:
-            self.pending[step] = np.zeros(0, dtype=np.int64)
+            self.ready[step] = np.zeros((0, 0), dtype=np.int64)  # nothing eligible yet: all rows new
             return
         weights = None
         if self.task_weights:
@@ -120,9 +125,22 @@ class MixedBatchSource:
             if sum(weights.values()) <= 0:
                 weights = None
         slots = np.asarray(self.buffer.sample_slots(n, eligible_tasks=eligible, task_weights=weights), dtype=np.int64)
-        self.pending[step] = slots
         if self.prefetcher is not None:
+            self.pending[step] = slots
             self.prefetcher.submit(step, slots)
+        else:
+            self.ready[step] = np.asarray(self.buffer.read(slots)[0], dtype=np.int64)
+
+    def _collect(self, step: int) -> np.ndarray | None:
+        if step in self.ready:
+            return self.ready.pop(step)
+        if step in self.pending:
+            self.pending.pop(step)
+            t0 = time.perf_counter()
+            rows_t, _ = self.prefetcher.get(step)
+            self.wait_seconds += time.perf_counter() - t0
+            return rows_t.to(torch.int64).cpu().numpy()
+        return None
 
     def start(self, step: int) -> None:
         """Draw the first look-ahead steps (at the run's start or after a resume)."""
@@ -134,16 +152,9 @@ class MixedBatchSource:
         task = self.plan.task_of_step[step]
         self._task = task
         self._draw(step)  # no-op when drawn ahead
-        slots = self.pending.pop(step, None)
-        replay = None
-        if slots is not None and len(slots):
-            if self.prefetcher is not None:
-                t0 = time.perf_counter()
-                rows_t, _ = self.prefetcher.get(step)
-                self.wait_seconds += time.perf_counter() - t0
-                replay = rows_t.to(torch.int64).cpu().numpy()
-            else:
-                replay, _ = self.buffer.read(slots)
+        replay = self._collect(step)
+        if replay is not None and len(replay) == 0:
+            replay = None
         n_replay = 0 if replay is None else len(replay)
         n_new = self.plan.rows_per_step - n_replay
         new = self.streams[task].next_rows(n_new)
@@ -161,9 +172,11 @@ class MixedBatchSource:
         self._draw(step + self.LOOKAHEAD)
 
     def state_dict(self) -> dict:
+        for step in list(self.pending):  # finish outstanding reads: the checkpoint holds rows
+            self.ready[step] = self._collect(step)
         return {
             "streams": [s.state_dict() for s in self.streams],
-            "pending": {int(k): v.tolist() for k, v in self.pending.items()},
+            "ready": {int(k): v for k, v in self.ready.items()},
             "stats": {"new_rows": self.stats.new_rows, "replay_rows": self.stats.replay_rows},
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "wait_seconds": self.wait_seconds,
@@ -177,8 +190,4 @@ class MixedBatchSource:
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
         self.pending = {}
-        for k, v in state["pending"].items():
-            slots = np.asarray(v, dtype=np.int64)
-            self.pending[int(k)] = slots
-            if self.prefetcher is not None and len(slots):
-                self.prefetcher.submit(int(k), slots)
+        self.ready = {int(k): np.asarray(v, dtype=np.int64) for k, v in state["ready"].items()}

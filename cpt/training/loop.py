@@ -346,7 +346,8 @@ class Run:
 
     def save_resumable(self) -> None:
         if self.buffer is not None:
-            self.buffer.flush()
+            # the buffer keeps an undo journal per checkpoint so any kept checkpoint can be restored
+            self.buffer.flush(keep_journals=self.cfg.checkpoint.keep + 1)
         ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.checkpoint.keep)
 
     # ---------------------------------------------------------------- the step
