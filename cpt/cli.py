@@ -129,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     except CptError as err:
         print(f"cpt: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from cpt.training.loop import PREEMPTED_EXIT_CODE, Preempted
+
+        if isinstance(err, Preempted):
+            print(f"cpt: {err}", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        raise
     except KeyboardInterrupt:
         print("cpt: interrupted", file=sys.stderr)
         return 130

@@ -63,6 +63,8 @@ def _open_bytes(path: Path) -> bytes:
 
 def content_fingerprint(path: Path) -> str:
     """sha256 over a file's bytes, or over every file (name + bytes) of a directory."""
+    if not path.exists():
+        raise CptError(f"{path}: data file not found (tasks.N.path)")
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:

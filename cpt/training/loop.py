@@ -43,6 +43,46 @@ from cpt.training import checkpoint as ckpt
 from cpt.training.schedule import lr_at
 
 MARKER = "run.json"
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was written."""
+
+    def __init__(self, run_dir: Path, step: int, signum: int):
+        super().__init__(f"{run_dir}: stopped by signal {signum} after step {step}; checkpoint written. Continue with: cpt train --resume {run_dir}")
+        self.step = step
+
+
+class StopOnSignal:
+    """First SIGTERM/SIGINT: ask the loop to stop after the current step. Second: exit at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"cpt: second signal {signum}: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\ncpt: signal {signum}: finishing the current step and writing a checkpoint (send again to exit now)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def _quiet_transformers() -> None:
@@ -98,7 +138,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, check_only: bool = False) -> None:
     """Refuse to mix two runs in one directory unless told to resume or overwrite."""
     if out.exists() and not out.is_dir():
         raise CptError(f"{out}: exists and is not a directory")
@@ -112,9 +152,12 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             raise CptError(f"{out}: already holds {what}; pass --resume to continue it or --overwrite to replace it")
         if not (out / MARKER).is_file():
             raise CptError(f"{out}: --overwrite only replaces a cpt run directory, and this one holds other files")
+        if check_only:
+            return
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if not check_only:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def resolve_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -221,10 +264,8 @@ class Run:
         self.plan = StepPlan.build(budgets, tr.seq_len, self.rows_per_step, rp.rate, rp.include_current)
 
         self.buffer = self.prefetcher = None
-        if rp.rate > 0:
-            self._make_buffer(resume)
-        weights = {i: rp.task_weights[t.name] for i, t in enumerate(cfg.tasks) if t.name in rp.task_weights} if rp.task_weights else None
-        self.source = MixedBatchSource(self.streams, self.plan, self.buffer, self.prefetcher, rp.include_current, weights)
+        self.resume = resume
+        self.source: MixedBatchSource | None = None  # made in run(): the buffer lives in the run directory
 
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, cfg.optimizer.weight_decay),
@@ -258,6 +299,14 @@ class Run:
                     f"{s.row_len} tokens per rank, less than one batch ({self.cfg.training.batch_size}); "
                     "add data or lower training.batch_size / training.seq_len"
                 )
+
+    def _make_source(self) -> None:
+        rp = self.cfg.replay
+        if rp.rate > 0:
+            self._make_buffer(self.resume)
+        names = [t.name for t in self.cfg.tasks]
+        weights = {names.index(n): w for n, w in rp.task_weights.items()} if rp.task_weights else None
+        self.source = MixedBatchSource(self.streams, self.plan, self.buffer, self.prefetcher, rp.include_current, weights)
 
     def _make_buffer(self, resume: bool) -> None:
         from cpt.replay.buffer import ReplayBuffer, capacity_rows_from
@@ -387,6 +436,7 @@ class Run:
     def run(self, resumed_state: dict | None = None) -> dict:
         cfg = self.cfg
         self.t_start = time.perf_counter()
+        self._make_source()
         metrics_path = self.out / "metrics.jsonl"
         if resumed_state is not None:
             with open(metrics_path, "r+b") as fh:
@@ -405,7 +455,8 @@ class Run:
             self.metrics.write({"type": "eval", "step": 0, "task_index": -1, "losses": losses, "task_end": False})
         self.source.start(self.step)
         try:
-            self._loop()
+            with StopOnSignal() as self.stopper:
+                self._loop()
         finally:
             if self.prefetcher is not None:
                 self.prefetcher.close()
@@ -430,11 +481,14 @@ class Run:
                 file=sys.stderr,
                 mininterval=0.5,
             )
-            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+            # tokens/s counts time inside training steps only (not evaluation, probes, checkpoints)
+            window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, 0.0
             while self.step < end:
                 t0 = time.perf_counter()
                 loss, tokens = self._train_step(self.step)
-                self.train_seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                window_t += dt
                 self.trained_tokens += tokens
                 self.step += 1
                 bar.update(1)
@@ -443,15 +497,14 @@ class Run:
                     window_n += 1
                 window_tokens += tokens
                 if self.step % cfg.logging.log_every == 0 or self.step == end:
-                    elapsed = time.perf_counter() - window_t
-                    tps = window_tokens / max(elapsed, 1e-9)
+                    tps = window_tokens / max(window_t, 1e-9)
                     mean = window_loss / max(window_n, 1)
                     self.metrics.write(
                         {"type": "train", "step": self.step, "task": self.row_names[task], "task_index": task, "loss": mean,
                          "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": tps}
                     )
                     bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-                    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+                    window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, 0.0
                 if cfg.alignment.probe_every and self.step % cfg.alignment.probe_every == 0:
                     self._probe(task)
                 task_end = self.step == end
@@ -464,6 +517,11 @@ class Run:
                     self._task_end(task)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not task_end:
                     self.save_resumable()
+                if self.stopper.signum is not None:
+                    if not task_end:  # a task end has just written one
+                        self.save_resumable()
+                    bar.close()
+                    raise Preempted(self.out, self.step, self.stopper.signum)
             bar.close()
 
     def _task_end(self, task: int) -> None:
@@ -521,14 +579,15 @@ def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: 
             raise CptError("a config file is required (or --resume RUN_DIR)")
         else:
             cfg = load_config(config, overrides)
-    prepare_run_dir(out, resume, overwrite)
+    prepare_run_dir(out, resume, overwrite, check_only=True)
     if resume:
         # the run's own saved config wins: a resumed run must be the same run
         cfg = load_config(out / "config.yaml")
-    else:
+    run = Run(cfg, out, resume=resume)  # data and model first: bad input fails before any write
+    prepare_run_dir(out, resume, overwrite)
+    if not resume:
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         (out / MARKER).write_text(json.dumps({"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-    run = Run(cfg, out, resume=resume)
     state = None
     if resume:
         found = ckpt.load_latest(out / "checkpoints", _log)
