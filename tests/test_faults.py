@@ -1,6 +1,7 @@
 """Faults: signals, SIGKILL mid-task, corrupted checkpoints, and refusing bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -177,3 +178,36 @@ def test_nan_loss_stops_with_a_message_after_the_allowed_skips(small_texts, tmp_
     cfg["tokenizer"] = {"path": str(broken / "tokenizer.json")}
     with pytest.raises(CptError, match=r"step 2: the training loss is nan \(NaN/Inf\); stopping"):
         cpt.train(validate(cfg), tmp_path / "nan")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MB filesystem (tmpfs), so a checkpoint write hits a genuine 'No space left'."""
+    import shutil as sh
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not sh.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_never_leaves_a_half_written_checkpoint_as_the_latest(small_disk):
+    import torch
+
+    from cpt.training import checkpoint
+
+    root = small_disk / "checkpoints"
+    small = {"w": torch.zeros(100_000)}  # 0.4 MB: fits
+    checkpoint.save_checkpoint(root, 10, small, keep=3)
+    big = {"w": torch.zeros(1_000_000)}  # 4 MB: the disk fills up half way
+    with pytest.raises(CptError, match=r"step-00000020: could not write the checkpoint .*MiB free on that disk\); earlier checkpoints are intact"):
+        checkpoint.save_checkpoint(root, 20, big, keep=3)
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000010"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]  # the partial write is gone
+    found = checkpoint.load_latest(root, print)
+    assert found[0].name == "step-00000010" and torch.equal(found[1]["w"], small["w"])

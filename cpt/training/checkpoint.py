@@ -48,9 +48,13 @@ def save_checkpoint(root: Path, step: int, state: dict, keep: int) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CptError(f"{final}: could not write the checkpoint ({err.strerror or err}); earlier checkpoints are intact") from None
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        free = shutil.disk_usage(root).free
+        raise CptError(
+            f"{final}: could not write the checkpoint ({reason}; {free / 2**20:.1f} MiB free on that disk); earlier checkpoints are intact"
+        ) from None
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
