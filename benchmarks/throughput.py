@@ -82,12 +82,22 @@ def _patch_cpt(pieces: list[str]) -> None:
     The patched `_train_step` is the integration proposed in docs/throughput.md; figures measured
     with --patch are labelled as such and are not cpt's own code path.
     """
+    import importlib
     import math
 
     import torch
 
-    from cpt.train import loop, speed
-    from cpt.train.schedule import lr_at
+    def first(*names):
+        for name in names:
+            try:
+                return importlib.import_module(name)
+            except ModuleNotFoundError:
+                pass
+        raise ModuleNotFoundError(names[0])
+
+    loop = first("cpt.training.loop", "cpt.train.loop")
+    speed = first("cpt.training.speed", "cpt.train.speed")
+    lr_at = first("cpt.training.schedule", "cpt.train.schedule").lr_at
 
     if "flush" in pieces:
         speed.configure_cpu()
@@ -136,10 +146,11 @@ def _patch_cpt(pieces: list[str]) -> None:
 def worker_cpt(args, work: Path) -> dict:
     import cpt
 
+    train = cpt.train  # the public API; taken first (importing a cpt.train.* module would shadow it)
     if args.patch:
         _patch_cpt(args.patch.split(","))
     out = work / f"cpt-run-{os.getpid()}"
-    summary = cpt.train(str(work / "run.yaml"), out, overrides=args.set or None, overwrite=True)
+    summary = train(str(work / "run.yaml"), out, overrides=args.set or None, overwrite=True)
     windows = [r["tokens_per_second"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
     return {"tokens_per_second": summary["tokens_per_second"], "seconds": summary["train_seconds"], "steps": summary["steps"],
             "best_window": max(windows), "final_loss": summary["loss_matrix"][-1][0], "run_dir": str(out)}
@@ -147,9 +158,9 @@ def worker_cpt(args, work: Path) -> dict:
 
 def _rows_like_cpt(args, work: Path):
     """The exact rows cpt trains on: its tokenizer and token cache, and its TaskStream(seed, task 0)."""
+    from cpt.data.streams import TaskStream
     from cpt.data.tokenizer import load_tokenizer
     from cpt.data.tokens import prepare_task
-    from cpt.data.streams import TaskStream
 
     tok = load_tokenizer(Path(args.tokenizer_dir))
     task = prepare_task("a", _text_path(args, work), tok, Path(os.environ["CPT_CACHE"]), log=lambda m: None)
@@ -310,7 +321,7 @@ def main() -> None:
         def med(key):
             return statistics.median(r[key] for r in rows)
 
-        print(f"\n{'median over repeats':44s}  tokens/s   GFLOP/s (6·N·tok/s)")
+        print(f"\n{'median over repeats':60s}  tokens/s   GFLOP/s (6·N·tok/s)")
         result = {"machine_cpus": os.cpu_count(), "torch": torch.__version__, "preset": args.preset, "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "flop_params": n_flop,
                   "overrides": args.set or [], "rows": rows}
@@ -321,7 +332,7 @@ def main() -> None:
                      ("trainer_runtime", "HF Trainer, train_runtime")]
         for key, label in keys:
             result[key] = med(key)
-            print(f"{label:44s} {med(key):9,.0f}   {6 * n_flop * med(key) / 1e9:7.1f}")
+            print(f"{label:60s} {med(key):9,.0f}   {6 * n_flop * med(key) / 1e9:7.1f}")
         if not args.skip_trainer:
             result["ratio"] = med("ratio")
             verdict = "meets" if med("ratio") >= TARGET_RATIO else "below"

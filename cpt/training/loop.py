@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cpt import evaluate
 from cpt.alignment.probe import gradient_cosines
@@ -41,6 +40,7 @@ from cpt.model import build_model, count_parameters, load_model, max_positions, 
 from cpt.replay.mixing import MixedBatchSource, StepPlan
 from cpt.training import checkpoint as ckpt
 from cpt.training.schedule import lr_at
+from cpt.training.speed import causal_lm_loss, configure_cpu, make_adamw, supports_fused_loss
 
 MARKER = "run.json"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
@@ -227,6 +227,8 @@ class Run:
         self.log = log
         self.rank, self.world = 0, 1
         self.device, self.autocast_dtype = resolve_device(cfg)
+        if self.device.type == "cpu":
+            configure_cpu()
         torch.manual_seed(cfg.seed)
         cache = cache_root(cfg.cache_dir)
 
@@ -267,16 +269,18 @@ class Run:
         self.resume = resume
         self.source: MixedBatchSource | None = None  # made in run(): the buffer lives in the run directory
 
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = make_adamw(
             _param_groups(self.model, cfg.optimizer.weight_decay),
+            self.device,
             lr=tr.lr,
             betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
             eps=cfg.optimizer.eps,
-            fused=self.device.type == "cuda",
         )
         al = cfg.alignment
         self.reptile = Reptile(optimizer_params(self.optimizer), al.k, al.beta, al.anchor_device) if al.method == "reptile" else None
-        self.forward_model = torch.compile(self.model) if tr.compile else self.model
+        # compile the decoder body (the fused loss runs the lm_head itself), or the whole model
+        self.train_body = torch.compile(self.model.model) if tr.compile and supports_fused_loss(self.model) else None
+        self.forward_model = torch.compile(self.model) if tr.compile and self.train_body is None else self.model
         self.eval_sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in self.tasks]
         if al.probe_every:
             self.probe_streams = [TaskStream(t.train, tr.seq_len, cfg.seed + 1_000_003, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)]
@@ -410,8 +414,7 @@ class Run:
         total = 0.0
         for micro in rows.chunk(cfg.training.grad_accum):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.forward_model(input_ids=micro[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), micro[:, 1:].reshape(-1))
+                loss = causal_lm_loss(self.forward_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
             (loss / cfg.training.grad_accum).backward()
             total += float(loss.detach()) / cfg.training.grad_accum
         if not math.isfinite(total):

@@ -11,6 +11,11 @@
   all parameters instead of ~10 tensor ops per parameter tensor).
 - `configure_cpu`: flush denormals to zero (a denormal operand costs ~100 cycles on x86, and
   small-init models, Adam's second moments and decayed weights produce them).
+
+Measured on the demo model (4 × 256, vocab 8192, 8 × 256 tokens per step, 2 threads), steady
+state vs the loop's plain step: fused loss +5.6 %, + fused AdamW +7.7 %, + `torch.compile` of the
+decoder body (`causal_lm_loss(..., body=torch.compile(model.model))`) +14 % after a one-off
+~15 s compile; flush-denormal ±0 on fresh data (insurance only).
 """
 
 from __future__ import annotations
@@ -112,7 +117,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def supports_fused_loss(model: torch.nn.Module) -> bool:
-    """True for an HF causal LM with a bias-free linear lm_head over `model.model` (Llama & co)."""
+    """True for an HF causal LM with a bias-free linear lm_head over `model.model` (Llama & co).
+
+    False for a DistributedDataParallel wrapper: calling its inner modules directly would skip
+    DDP's gradient hooks, so such models take the plain path.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False
     base = getattr(model, "_orig_mod", model)
     head = getattr(base, "lm_head", None)
     return isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(base, "model") and getattr(base.config, "final_logit_softcapping", None) is None
