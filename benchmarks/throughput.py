@@ -77,7 +77,7 @@ def _config_yaml(args, text: Path) -> str:
 
 # ---------------------------------------------------------------- workers (one subprocess each)
 def _patch_cpt(pieces: list[str]) -> None:
-    """Exploration only (--patch): put cpt.train.speed pieces into cpt's Run without editing loop.py.
+    """Exploration only (--patch): put cpt.training.speed pieces into cpt's Run without editing loop.py.
 
     The patched `_train_step` is the integration proposed in docs/throughput.md; figures measured
     with --patch are labelled as such and are not cpt's own code path.
@@ -96,7 +96,7 @@ def _patch_cpt(pieces: list[str]) -> None:
         raise ModuleNotFoundError(names[0])
 
     loop = first("cpt.training.loop", "cpt.train.loop")
-    speed = first("cpt.training.speed", "cpt.train.speed")
+    speed = first("cpt.training.speed", "cpt.training.speed")
     lr_at = first("cpt.training.schedule", "cpt.train.schedule").lr_at
 
     if "flush" in pieces:
@@ -270,7 +270,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="cpt/Trainer pairs to run; medians are reported (default 3)")
     ap.add_argument("--text", help="training text (default: the bundled English handbook)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="a cpt config override for the cpt side, e.g. training.compile=true")
-    ap.add_argument("--patch", help="exploration only: comma list of cpt.train.speed pieces to monkeypatch into cpt's loop "
+    ap.add_argument("--patch", help="exploration only: comma list of cpt.training.speed pieces to monkeypatch into cpt's loop "
                     "(loss, adam, flush, compile); such figures are not cpt's own code path")
     ap.add_argument("--skip-trainer", action="store_true", help="measure cpt only")
     ap.add_argument("--json", help="also write the results here")

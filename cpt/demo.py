@@ -32,9 +32,9 @@ LANGS = ("en", "fr", "de", "ar", "ja")
 REPTILE = {"method": "reptile", "k": 20, "beta": 0.5}
 
 FULL = {
-    "tokens": 100_000,
+    "tokens": 60_000,
     "model": {"preset": "demo"},
-    "training": {"seq_len": 128, "batch_size": 8, "lr": 2e-3, "eval_every": 40, "eval_tokens": 8192, "eval_batch_size": 32},
+    "training": {"seq_len": 128, "batch_size": 8, "lr": 2e-3, "eval_every": 50, "eval_tokens": 4096, "eval_batch_size": 32},
     "schedule": {"name": "cosine", "warmup": 0.02, "min_lr": 2e-4},
 }
 QUICK = {
