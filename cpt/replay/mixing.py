@@ -86,13 +86,25 @@ class MixedBatchSource:
 
     LOOKAHEAD = 2
 
-    def __init__(self, streams, plan: StepPlan, buffer=None, prefetcher=None, include_current: bool = False, task_weights: dict[int, float] | None = None):
+    def __init__(
+        self,
+        streams,
+        plan: StepPlan,
+        buffer=None,
+        prefetcher=None,
+        include_current: bool = False,
+        task_weights: dict[int, float] | None = None,
+        task_offset: int = 0,
+    ):
         self.streams = streams  # one stream per task (or one JointStream per "task" for joint)
         self.plan = plan
         self.buffer = buffer
         self.prefetcher = prefetcher
         self.include_current = include_current
         self.task_weights = task_weights
+        # a reused buffer (replay.buffer.dir) holds an earlier run's tasks under ids 0..offset-1;
+        # this run's task t is stored as offset + t, and every earlier id is replayable
+        self.task_offset = task_offset
         self.pending: dict[int, np.ndarray] = {}  # step -> slots drawn and submitted to the prefetcher
         self.ready: dict[int, np.ndarray] = {}  # step -> rows drawn and read
         self.stats = ReplayStats([0] * len(plan.task_ends), [0] * len(plan.task_ends))
@@ -101,7 +113,8 @@ class MixedBatchSource:
         self.wait_seconds = 0.0
 
     def _eligible(self, task: int) -> list[int]:
-        return list(range(task + 1 if self.include_current else task))
+        top = self.task_offset + task
+        return list(range(top + 1 if self.include_current else top))
 
     def _draw(self, step: int) -> None:
         """Choose replay slots for `step` from the buffer as it is now, and start reading them.
@@ -167,7 +180,7 @@ class MixedBatchSource:
     def after_step(self, step: int) -> None:
         """Offer the step's new rows to the buffer, then draw replay for step + LOOKAHEAD."""
         if self.buffer is not None and self._new_rows is not None:
-            self.buffer.add(self._new_rows, self._task)
+            self.buffer.add(self._new_rows, self.task_offset + self._task)
         self._new_rows = None
         self._draw(step + self.LOOKAHEAD)
 

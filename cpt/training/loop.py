@@ -221,7 +221,7 @@ def _set_rng_state(state: dict) -> None:
 class Run:
     """Everything one training run holds; `run()` executes it to the summary."""
 
-    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log):
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log, replay_task_offset: int = 0):
         self.cfg = cfg
         self.out = out
         self.log = log
@@ -263,7 +263,9 @@ class Run:
             self._check_rows(self.streams)
             budgets = [t.tokens for t in cfg.tasks]
             self.row_names = [t.name for t in cfg.tasks]
-        self.plan = StepPlan.build(budgets, tr.seq_len, self.rows_per_step, rp.rate, rp.include_current)
+        self.replay_task_offset = replay_task_offset
+        # with a reused buffer of earlier tasks, the first task replays too
+        self.plan = StepPlan.build(budgets, tr.seq_len, self.rows_per_step, rp.rate, rp.include_current or replay_task_offset > 0)
 
         self.buffer = self.prefetcher = None
         self.resume = resume
@@ -309,8 +311,9 @@ class Run:
         if rp.rate > 0:
             self._make_buffer(self.resume)
         names = [t.name for t in self.cfg.tasks]
-        weights = {names.index(n): w for n, w in rp.task_weights.items()} if rp.task_weights else None
-        self.source = MixedBatchSource(self.streams, self.plan, self.buffer, self.prefetcher, rp.include_current, weights)
+        off = self.replay_task_offset
+        weights = {off + names.index(n): w for n, w in rp.task_weights.items()} if rp.task_weights else None
+        self.source = MixedBatchSource(self.streams, self.plan, self.buffer, self.prefetcher, rp.include_current, weights, off)
 
     def _make_buffer(self, resume: bool) -> None:
         from cpt.replay.buffer import ReplayBuffer, capacity_rows_from
@@ -349,7 +352,8 @@ class Run:
         if self.buffer is not None and self.buffer.fill:
             ids = self.probe_rng.integers(0, self.buffer.fill, size=4 * n)
             rows, task_ids = self.buffer.read(ids)
-            eligible = task_ids <= task if self.cfg.replay.include_current else task_ids < task
+            top = self.replay_task_offset + task
+            eligible = task_ids <= top if self.cfg.replay.include_current else task_ids < top
             if eligible.sum() >= 1:
                 others["replay"] = torch.from_numpy(np.asarray(rows[eligible][:n], dtype=np.int64))
         if others:
@@ -504,7 +508,8 @@ class Run:
                     mean = window_loss / max(window_n, 1)
                     self.metrics.write(
                         {"type": "train", "step": self.step, "task": self.row_names[task], "task_index": task, "loss": mean,
-                         "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": tps}
+                         "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": tps,
+                         "replay_wait_seconds": self.source.wait_seconds}
                     )
                     bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, 0.0
@@ -552,6 +557,7 @@ class Run:
             "replay_rate": cfg.replay.rate,
             "replay_fraction": stats.fraction(),
             "replay_wait_seconds": self.source.wait_seconds,
+            "replay_task_offset": self.replay_task_offset,
             "alignment": cfg.alignment.method,
             "meta_updates": self.reptile.meta_updates if self.reptile else 0,
             "steps": self.step,
@@ -564,11 +570,31 @@ class Run:
             "nan_skipped": self.nan_skipped,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.buffer is not None:
+            self.log(f"replay: waited {self.source.wait_seconds:.3f}s on the prefetcher in {self.step} steps")
+        if self.cfg.alignment.probe_every:
+            share = 100 * self.probe_seconds / max(self.train_seconds, 1e-9)
+            self.log(f"probe: {self.probe_seconds:.1f}s in all ({share:.1f}% of the training time)")
         self.log(
             f"done: {self.step} steps in {wall:.1f}s ({summary['tokens_per_second']:,.0f} tokens/s); "
-            f"avg final loss {summary['avg_final_loss']:.3f}, forgetting {summary['forgetting_score'] if summary['forgetting_score'] is not None else 'n/a'}"
+            f"avg final loss {summary['avg_final_loss']:.3f}, forgetting "
+            + (f"{summary['forgetting_score']:.3f}" if summary["forgetting_score"] is not None else "n/a")
         )
         return summary
+
+
+def _reused_buffer_tasks(cfg: RunConfig) -> int:
+    """How many task ids a kept buffer (replay.buffer.dir) already holds: this run's ids start after them."""
+    if cfg.replay.rate <= 0 or not cfg.replay.buffer.dir:
+        return 0
+    meta = Path(cfg.replay.buffer.dir) / "shard-000.meta.json"
+    if not meta.is_file():
+        return 0
+    try:
+        seen = json.loads(meta.read_text())["seen"]
+    except (KeyError, json.JSONDecodeError):
+        raise CptError(f"{meta}: not a cpt replay buffer (replay.buffer.dir)") from None
+    return max((int(t) for t, _ in seen), default=-1) + 1
 
 
 def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
@@ -586,11 +612,16 @@ def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: 
     if resume:
         # the run's own saved config wins: a resumed run must be the same run
         cfg = load_config(out / "config.yaml")
-    run = Run(cfg, out, resume=resume)  # data and model first: bad input fails before any write
+    if resume:
+        offset = json.loads((out / MARKER).read_text()).get("replay_task_offset", 0)
+    else:
+        offset = _reused_buffer_tasks(cfg)
+    run = Run(cfg, out, resume=resume, replay_task_offset=offset)  # data and model first: bad input fails before any write
     prepare_run_dir(out, resume, overwrite)
     if not resume:
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        (out / MARKER).write_text(json.dumps({"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        marker = {"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "replay_task_offset": offset}
+        (out / MARKER).write_text(json.dumps(marker))
     state = None
     if resume:
         found = ckpt.load_latest(out / "checkpoints", _log)
