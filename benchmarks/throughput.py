@@ -76,79 +76,10 @@ def _config_yaml(args, text: Path) -> str:
 
 
 # ---------------------------------------------------------------- workers (one subprocess each)
-def _patch_cpt(pieces: list[str]) -> None:
-    """Exploration only (--patch): put cpt.training.speed pieces into cpt's Run without editing loop.py.
-
-    The patched `_train_step` is the integration proposed in docs/throughput.md; figures measured
-    with --patch are labelled as such and are not cpt's own code path.
-    """
-    import importlib
-    import math
-
-    import torch
-
-    def first(*names):
-        for name in names:
-            try:
-                return importlib.import_module(name)
-            except ModuleNotFoundError:
-                pass
-        raise ModuleNotFoundError(names[0])
-
-    loop = first("cpt.training.loop", "cpt.train.loop")
-    speed = first("cpt.training.speed", "cpt.training.speed")
-    lr_at = first("cpt.training.schedule", "cpt.train.schedule").lr_at
-
-    if "flush" in pieces:
-        speed.configure_cpu()
-    init = loop.Run.__init__
-
-    def patched_init(self, cfg, out, resume=False, log=loop._log):
-        init(self, cfg, out, resume, log)
-        if "adam" in pieces:
-            self.optimizer = speed.make_adamw(
-                loop._param_groups(self.model, cfg.optimizer.weight_decay), self.device,
-                lr=cfg.training.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps,
-            )
-        self.train_body = torch.compile(self.model.model) if "compile" in pieces else None
-
-    def patched_step(self, step):
-        cfg = self.cfg
-        rows, n_new, n_replay = self.source.next_batch(step)
-        rows = rows.to(self.device, non_blocking=True)
-        lr = lr_at(step, self.plan.total_steps, self.plan.task_ends, cfg.training.lr, cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = 0.0
-        for micro in rows.chunk(cfg.training.grad_accum):
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                if "loss" in pieces:
-                    loss = speed.causal_lm_loss(self.model, micro[:, :-1], micro[:, 1:], body=self.train_body)
-                else:
-                    logits = self.forward_model(input_ids=micro[:, :-1]).logits
-            if "loss" not in pieces:
-                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), micro[:, 1:].reshape(-1))
-            (loss / cfg.training.grad_accum).backward()
-            total += float(loss.detach()) / cfg.training.grad_accum
-        assert math.isfinite(total)
-        if cfg.optimizer.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.source.after_step(step)
-        return total, (n_new + n_replay) * cfg.training.seq_len
-
-    loop.Run.__init__ = patched_init
-    if "loss" in pieces or "compile" in pieces:
-        loop.Run._train_step = patched_step
-
-
 def worker_cpt(args, work: Path) -> dict:
     import cpt
 
-    train = cpt.train  # the public API; taken first (importing a cpt.train.* module would shadow it)
-    if args.patch:
-        _patch_cpt(args.patch.split(","))
+    train = cpt.train  # the public API
     out = work / f"cpt-run-{os.getpid()}"
     summary = train(str(work / "run.yaml"), out, overrides=args.set or None, overwrite=True)
     windows = [r["tokens_per_second"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
@@ -270,8 +201,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="cpt/Trainer pairs to run; medians are reported (default 3)")
     ap.add_argument("--text", help="training text (default: the bundled English handbook)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="a cpt config override for the cpt side, e.g. training.compile=true")
-    ap.add_argument("--patch", help="exploration only: comma list of cpt.training.speed pieces to monkeypatch into cpt's loop "
-                    "(loss, adam, flush, compile); such figures are not cpt's own code path")
     ap.add_argument("--skip-trainer", action="store_true", help="measure cpt only")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -325,7 +254,7 @@ def main() -> None:
         result = {"machine_cpus": os.cpu_count(), "torch": torch.__version__, "preset": args.preset, "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "flop_params": n_flop,
                   "overrides": args.set or [], "rows": rows}
-        label = "cpt" + (f" (--patch {args.patch})" if args.patch else "") + (f" ({' '.join(args.set)})" if args.set else "")
+        label = "cpt" + (f" ({' '.join(args.set)})" if args.set else "")
         keys = [("cpt", f"{label}, summary"), ("cpt_best10", f"{label}, best 10-step window")]
         if not args.skip_trainer:
             keys += [("trainer_steps", "HF Trainer, step callbacks"), ("trainer_best10", "HF Trainer, best 10-step window"),

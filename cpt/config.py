@@ -160,8 +160,10 @@ class ReplayConfig(Section):
 
 class AlignmentConfig(Section):
     method: Literal["none", "reptile"] = Field("none", description="`reptile`: Reptile meta-updates (efficient MER when combined with replay).")
-    k: Count = Field(500, gt=0, description="Optimizer steps between meta-updates.")
-    beta: Real = Field(0.5, gt=0, le=1, description="Meta step size: θ ← θ₀ + β·(θ − θ₀). β = 1 is plain training.")
+    k: Count = Field(500, gt=0, description="Optimizer steps between meta-updates (500 as in the paper's public code; short runs want less).")
+    beta: Real = Field(
+        0.7, gt=0, le=1, description="Meta step size: θ ← θ₀ + β·(θ − θ₀). β = 1 is plain training (0.7: see docs/alignment.md)."
+    )
     anchor_device: Literal["same", "cpu"] = Field("same", description="Where the fp32 anchor θ₀ lives; `cpu` saves accelerator memory.")
     probe_every: Count = Field(0, ge=0, description="Measure gradient cosine between the current task and earlier tasks every N steps (0: off).")
     probe_batch_size: Count = Field(2, ge=1, description="Sequences per probe batch.")
