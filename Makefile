@@ -28,7 +28,10 @@ lint: install
 	$(BIN)/ruff check cpt tests benchmarks scripts
 
 bench: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/replay.py
+	$(BIN)/python benchmarks/mer.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -717,6 +717,10 @@ Katakana or CJK ideographs; French and German paragraphs are dropped when common
 English stop words make up {MAX_ENGLISH_SHARE:.0%} or more of their words. English is
 kept as is. Paragraphs seen earlier in the same language are dropped.
 
+`tokenizer.json`: an 8,192-token byte-level BPE trained on the training splits (never the
+held-out documents) of all five files; rebuild it with `python scripts/train_corpus_tokenizer.py`
+after rebuilding the text.
+
 ## Rebuild
 
 ```
