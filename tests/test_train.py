@@ -118,3 +118,17 @@ def test_heldout_loss_matches_hf_loss(run_dir):
         hf = model(input_ids=torch.from_numpy(rows), labels=torch.from_numpy(rows)).loss
     assert total / count == pytest.approx(float(hf), rel=1e-5)
     assert eval_windows(rows.reshape(-1), 32, 64).shape[1] == 33
+
+
+def test_cli_eval_and_report(run_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cpt", "eval", str(run_dir), "--checkpoint", "task-0-en"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    losses = json.loads((run_dir / "eval-task-0-en.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert losses["en"] == pytest.approx(summary["loss_matrix"][0][0], rel=1e-5)  # row 0 = after task 0
+    bad = subprocess.run([sys.executable, "-m", "cpt", "eval", str(run_dir), "--checkpoint", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such HF checkpoint" in bad.stderr and "task-1-fr" in bad.stderr
+    rep = subprocess.run([sys.executable, "-m", "cpt", "report", str(run_dir), "--out", str(tmp_path / "rep")], capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000
+    assert subprocess.run([sys.executable, "-m", "cpt", "--help"], capture_output=True, text=True).stdout.count("cpt demo") == 1
