@@ -39,6 +39,7 @@ from cpt.errors import CptError
 from cpt.model import build_model, count_parameters, load_model, max_positions, save_hf
 from cpt.replay.mixing import MixedBatchSource, StepPlan
 from cpt.training import checkpoint as ckpt
+from cpt.training import distributed
 from cpt.training.schedule import lr_at
 from cpt.training.speed import causal_lm_loss, configure_cpu, make_adamw, supports_fused_loss
 
@@ -50,7 +51,9 @@ class Preempted(Exception):
     """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was written."""
 
     def __init__(self, run_dir: Path, step: int, signum: int):
-        super().__init__(f"{run_dir}: stopped by signal {signum} after step {step}; checkpoint written. Continue with: cpt train --resume {run_dir}")
+        super().__init__(
+            f"{run_dir}: stopped by signal {signum} after step {step}; checkpoint written. Continue with: cpt train --resume {run_dir}"
+        )
         self.step = step
 
 
@@ -75,7 +78,11 @@ class StopOnSignal:
             print(f"cpt: second signal {signum}: exiting now without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\ncpt: signal {signum}: finishing the current step and writing a checkpoint (send again to exit now)", file=sys.stderr, flush=True)
+        print(
+            f"\ncpt: signal {signum}: finishing the current step and writing a checkpoint (send again to exit now)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         import signal
@@ -138,6 +145,19 @@ class MetricsLog:
             self.tb.close()
 
 
+class NoMetrics:
+    """What ranks other than 0 write: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, check_only: bool = False) -> None:
     """Refuse to mix two runs in one directory unless told to resume or overwrite."""
     if out.exists() and not out.is_dir():
@@ -179,9 +199,11 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path) -> TextTokenizer:
         if (init / "tokenizer.json").is_file() or (init / "tokenizer_config.json").is_file():
             return load_tokenizer(init)
     parts = [f"{source_key(Path(t.path), t.format, t.text_field)}:{t.val_fraction}" for t in cfg.tasks]
-    key = __import__("hashlib").sha256(
-        f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}".encode()
-    ).hexdigest()[:20]
+    key = (
+        __import__("hashlib")
+        .sha256(f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}".encode())
+        .hexdigest()[:20]
+    )
 
     def texts():
         for t in cfg.tasks:
@@ -224,24 +246,36 @@ class Run:
     def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log, replay_task_offset: int = 0):
         self.cfg = cfg
         self.out = out
-        self.log = log
-        self.rank, self.world = 0, 1
+        self.rank, self.world, local_rank = distributed.world_info()
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda msg: None)
+        log = self.log
         self.device, self.autocast_dtype = resolve_device(cfg)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        distributed.init(self.device.type)
         if self.device.type == "cpu":
             configure_cpu()
         torch.manual_seed(cfg.seed)
         cache = cache_root(cfg.cache_dir)
 
+        if not self.is_main:
+            distributed.barrier()  # rank 0 trains the tokenizer and fills the token cache first
         self.tokenizer = load_or_train_tokenizer(cfg, cache)
         self.tasks: list[TaskTokens] = [
             prepare_task(t.name, t.path, self.tokenizer, cache, fmt=t.format, text_field=t.text_field, val_fraction=t.val_fraction, log=log)
             for t in cfg.tasks
         ]
+        if self.is_main:
+            distributed.barrier()
         tr = cfg.training
         if cfg.model.init:
             self.model = load_model(cfg.model.init, cfg.model.attn_implementation)
         else:
-            self.model = build_model(cfg.model.preset, self.tokenizer.vocab_size, self.tokenizer.eos_id, tr.seq_len, cfg.seed, cfg.model.attn_implementation)
+            self.model = build_model(
+                cfg.model.preset, self.tokenizer.vocab_size, self.tokenizer.eos_id, tr.seq_len, cfg.seed, cfg.model.attn_implementation
+            )
         vocab = self.model.get_input_embeddings().weight.shape[0]
         for task in self.tasks:
             check_token_range(task, vocab)
@@ -249,6 +283,11 @@ class Run:
             raise CptError(f"training.seq_len: {tr.seq_len} exceeds the model's {max_positions(self.model)} positions")
         self.model.to(self.device)
         self.n_params = count_parameters(self.model)
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.rows_per_step = tr.batch_size * tr.grad_accum
         rp = cfg.replay
@@ -265,7 +304,14 @@ class Run:
             self.row_names = [t.name for t in cfg.tasks]
         self.replay_task_offset = replay_task_offset
         # with a reused buffer of earlier tasks, the first task replays too
-        self.plan = StepPlan.build(budgets, tr.seq_len, self.rows_per_step, rp.rate, rp.include_current or replay_task_offset > 0)
+        self.plan = StepPlan.build(
+            # each rank trains its share of every budget: the global batch is batch × accum × ranks
+            [math.ceil(b / self.world) for b in budgets],
+            tr.seq_len,
+            self.rows_per_step,
+            rp.rate,
+            rp.include_current or replay_task_offset > 0,
+        )
 
         self.buffer = self.prefetcher = None
         self.resume = resume
@@ -283,9 +329,13 @@ class Run:
         # compile the decoder body (the fused loss runs the lm_head itself), or the whole model
         self.train_body = torch.compile(self.model.model) if tr.compile and supports_fused_loss(self.model) else None
         self.forward_model = torch.compile(self.model) if tr.compile and self.train_body is None else self.model
+        # DDP averages gradients across ranks (the fused loss then takes the plain path, which DDP hooks see)
+        self.train_model = self.ddp if self.ddp is not None else self.forward_model
         self.eval_sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in self.tasks]
         if al.probe_every:
-            self.probe_streams = [TaskStream(t.train, tr.seq_len, cfg.seed + 1_000_003, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)]
+            self.probe_streams = [
+                TaskStream(t.train, tr.seq_len, cfg.seed + 1_000_003, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)
+            ]
             self.probe_rng = np.random.default_rng([cfg.seed, 31337])
 
         # progress of the run (all of it is checkpointed)
@@ -331,7 +381,9 @@ class Run:
                 self.log(f"replay: reusing the buffer in {directory} ({self.buffer.fill} sequences)")
         else:
             capacity = capacity_rows_from(bc.capacity, bc.capacity_unit, row_len)
-            self.buffer = ReplayBuffer(directory, row_len, capacity, bc.policy, token_dtype(self.tokenizer.vocab_size), self.cfg.seed, self.rank)
+            self.buffer = ReplayBuffer(
+                directory, row_len, capacity, bc.policy, token_dtype(self.tokenizer.vocab_size), self.cfg.seed, self.rank
+            )
         if self.cfg.replay.prefetch:
             self.prefetcher = ReplayPrefetcher(self.buffer)
             self.buffer.attach(self.prefetcher)
@@ -340,7 +392,13 @@ class Run:
     def evaluate_all(self) -> dict[str, float]:
         losses = {}
         for task, windows in zip(self.tasks, self.eval_sets):
-            total, count = evaluate.heldout_loss(self.forward_model, windows, self.cfg.training.eval_batch_size, self.device, self.autocast_dtype)
+            mine = windows[self.rank :: self.world]  # each rank evaluates its share; sums are reduced
+            total, count = (
+                evaluate.heldout_loss(self.forward_model, mine, self.cfg.training.eval_batch_size, self.device, self.autocast_dtype)
+                if len(mine)
+                else (0.0, 0)
+            )
+            total, count = distributed.all_reduce_sum([total, count], self.device)
             losses[task.name] = total / max(count, 1)
         return losses
 
@@ -367,9 +425,9 @@ class Run:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "source": self.source.state_dict(),
+            "sources": distributed.gather_to_all(self.source.state_dict()),  # one per rank
             "reptile": self.reptile.state_dict() if self.reptile else None,
-            "rng": _rng_state(),
+            "rngs": distributed.gather_to_all(_rng_state()),
             "probe": {"streams": [s.state_dict() for s in self.probe_streams], "rng": self.probe_rng.bit_generator.state}
             if self.cfg.alignment.probe_every
             else None,
@@ -386,10 +444,14 @@ class Run:
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.source.load_state_dict(state["source"])
+        if len(state["sources"]) != self.world:
+            raise CptError(
+                f"{self.out}: the checkpoint was written by {len(state['sources'])} process(es); resume with the same number (now {self.world})"
+            )
+        self.source.load_state_dict(state["sources"][self.rank])
         if self.reptile and state["reptile"]:
             self.reptile.load_state_dict(state["reptile"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rngs"][self.rank])
         if state.get("probe") and self.cfg.alignment.probe_every:
             for s, st in zip(self.probe_streams, state["probe"]["streams"]):
                 s.load_state_dict(st)
@@ -405,7 +467,10 @@ class Run:
         if self.buffer is not None:
             # the buffer keeps an undo journal per checkpoint so any kept checkpoint can be restored
             self.buffer.flush(keep_journals=self.cfg.checkpoint.keep + 1)
-        ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.checkpoint.keep)
+        state = self.state_dict()  # collective: every rank takes part
+        if self.is_main:
+            ckpt.save_checkpoint(self.out / "checkpoints", self.step, state, self.cfg.checkpoint.keep)
+        distributed.barrier()
 
     # ---------------------------------------------------------------- the step
     def _train_step(self, step: int) -> tuple[float, int]:
@@ -418,16 +483,20 @@ class Run:
         total = 0.0
         for micro in rows.chunk(cfg.training.grad_accum):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = causal_lm_loss(self.forward_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
+                loss = causal_lm_loss(self.train_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
             (loss / cfg.training.grad_accum).backward()
             total += float(loss.detach()) / cfg.training.grad_accum
+        if self.world > 1:  # the global mean, so every rank takes the same NaN decision
+            total = distributed.all_reduce_sum([total], self.device)[0] / self.world
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.nan_skipped += 1
             if self.nan_skipped > cfg.training.nan_skip:
                 good = ckpt.list_checkpoints(self.out / "checkpoints")
                 where = f"; last good checkpoint: {good[-1]}" if good else ""
-                raise CptError(f"step {step}: the training loss is {total} (NaN/Inf); stopping{where}. Lower training.lr or raise training.nan_skip")
+                raise CptError(
+                    f"step {step}: the training loss is {total} (NaN/Inf); stopping{where}. Lower training.lr or raise training.nan_skip"
+                )
             self.log(f"warning: step {step}: loss {total}; batch skipped ({self.nan_skipped}/{cfg.training.nan_skip})")
             self.source.after_step(step)
             return total, 0
@@ -445,10 +514,13 @@ class Run:
         self.t_start = time.perf_counter()
         self._make_source()
         metrics_path = self.out / "metrics.jsonl"
-        if resumed_state is not None:
+        if resumed_state is not None and self.is_main:
             with open(metrics_path, "r+b") as fh:
                 fh.truncate(resumed_state["metrics_offset"])
-        self.metrics = MetricsLog(metrics_path, self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        if self.is_main:
+            self.metrics = MetricsLog(metrics_path, self.out / "tensorboard" if cfg.logging.tensorboard else None)
+        else:
+            self.metrics = NoMetrics()
         if resumed_state is not None:
             self.load_state_dict(resumed_state)
             self.log(f"resumed at step {self.step}/{self.plan.total_steps}")
@@ -483,7 +555,7 @@ class Run:
                 total=end - start,
                 initial=self.step - start,
                 desc=f"[{task + 1}/{n_rows}] {self.row_names[task]}",
-                disable=not cfg.logging.progress,
+                disable=not cfg.logging.progress or not self.is_main,
                 dynamic_ncols=True,
                 file=sys.stderr,
                 mininterval=0.5,
@@ -507,13 +579,20 @@ class Run:
                     tps = window_tokens / max(window_t, 1e-9)
                     mean = window_loss / max(window_n, 1)
                     self.metrics.write(
-                        {"type": "train", "step": self.step, "task": self.row_names[task], "task_index": task, "loss": mean,
-                         "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": tps,
-                         "replay_wait_seconds": self.source.wait_seconds}
+                        {
+                            "type": "train",
+                            "step": self.step,
+                            "task": self.row_names[task],
+                            "task_index": task,
+                            "loss": mean,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "tokens_per_second": tps,
+                            "replay_wait_seconds": self.source.wait_seconds,
+                        }
                     )
                     bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     window_loss, window_n, window_tokens, window_t = 0.0, 0, 0, 0.0
-                if cfg.alignment.probe_every and self.step % cfg.alignment.probe_every == 0:
+                if cfg.alignment.probe_every and self.step % cfg.alignment.probe_every == 0 and self.is_main:
                     self._probe(task)
                 task_end = self.step == end
                 if task_end or (cfg.training.eval_every and self.step % cfg.training.eval_every == 0):
@@ -536,7 +615,7 @@ class Run:
         cfg = self.cfg
         row = self.loss_matrix[-1]
         self.log(f"after {self.row_names[task]}: " + "  ".join(f"{t.name}={v:.3f}" for t, v in zip(self.tasks, row)))
-        if cfg.checkpoint.task_ends and cfg.training.strategy != "joint":
+        if cfg.checkpoint.task_ends and cfg.training.strategy != "joint" and self.is_main:
             save_hf(self.model, self.out / "checkpoints" / f"task-{task}-{self.row_names[task]}", self.tokenizer)
         if cfg.optimizer.reset_at_task:
             self.optimizer.state = defaultdict(dict)
@@ -544,7 +623,8 @@ class Run:
 
     def _finish(self) -> dict:
         cfg = self.cfg
-        save_hf(self.model, self.out / "checkpoints" / "final", self.tokenizer)
+        if self.is_main:
+            save_hf(self.model, self.out / "checkpoints" / "final", self.tokenizer)
         stats = self.source.stats
         wall = self.wall_before + (time.perf_counter() - self.t_start)
         summary = {
@@ -553,7 +633,12 @@ class Run:
             "tasks": [t.name for t in self.tasks],
             "loss_matrix": self.loss_matrix,
             **evaluate.summarize(self.loss_matrix),
-            "tokens": {"new": int(sum(stats.new_rows)) * cfg.training.seq_len, "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len},
+            # every rank trains the same number of new and replayed rows per step
+            "tokens": {
+                "new": int(sum(stats.new_rows)) * cfg.training.seq_len * self.world,
+                "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len * self.world,
+            },
+            "world_size": self.world,
             "replay_rate": cfg.replay.rate,
             "replay_fraction": stats.fraction(),
             "replay_wait_seconds": self.source.wait_seconds,
@@ -566,10 +651,11 @@ class Run:
             "wall_seconds": wall,
             "train_seconds": self.train_seconds,
             "probe_seconds": self.probe_seconds,
-            "tokens_per_second": self.trained_tokens / max(self.train_seconds, 1e-9),
+            "tokens_per_second": self.trained_tokens * self.world / max(self.train_seconds, 1e-9),
             "nan_skipped": self.nan_skipped,
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.buffer is not None:
             self.log(f"replay: waited {self.source.wait_seconds:.3f}s on the prefetcher in {self.step} steps")
         if self.cfg.alignment.probe_every:
@@ -597,7 +683,14 @@ def _reused_buffer_tasks(cfg: RunConfig) -> int:
     return max((int(t) for t, _ in seen), default=-1) + 1
 
 
-def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+def train(
+    config: RunConfig | str | Path | None,
+    out: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Run (or resume) a continual pre-training run; returns the summary (also in out/summary.json)."""
     out = Path(out)
     _quiet_transformers()
@@ -617,14 +710,22 @@ def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: 
     else:
         offset = _reused_buffer_tasks(cfg)
     run = Run(cfg, out, resume=resume, replay_task_offset=offset)  # data and model first: bad input fails before any write
+    if not run.is_main:
+        distributed.barrier()  # rank 0 prepares the run directory
+        return _run_and_close(run, out, resume)
     prepare_run_dir(out, resume, overwrite)
     if not resume:
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         marker = {"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "replay_task_offset": offset}
         (out / MARKER).write_text(json.dumps(marker))
+    distributed.barrier()
+    return _run_and_close(run, out, resume)
+
+
+def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
     state = None
     if resume:
-        found = ckpt.load_latest(out / "checkpoints", _log)
+        found = ckpt.load_latest(out / "checkpoints", run.log)
         if found is None:
             if (out / "summary.json").is_file():
                 raise CptError(f"{out}: the run already finished (summary.json exists)")
@@ -632,7 +733,10 @@ def train(config: RunConfig | str | Path | None, out: str | Path, *, overrides: 
             (out / "metrics.jsonl").unlink(missing_ok=True)
         else:
             state = found[1]
-    return run.run(state)
+    try:
+        return run.run(state)
+    finally:
+        distributed.shutdown()
 
 
 def ensure_threads() -> None:
