@@ -53,6 +53,15 @@ def step_seconds(cfg: dict, label: str, workdir: Path) -> tuple[float, dict]:
     return sum(per_step) / len(per_step), summary
 
 
+def add_run_args(ap) -> None:
+    """The model/data arguments every step-time benchmark shares."""
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--tokens", type=float, default=1.5e5, help="new tokens per task (2 tasks)")
+    ap.add_argument("--repeats", type=int, default=3)
+
+
 def workdir() -> Path:
     os.environ.setdefault("CPT_CACHE", str(Path(tempfile.gettempdir()) / "cpt-bench-cache"))
     return Path(tempfile.mkdtemp(prefix="cpt-bench-"))

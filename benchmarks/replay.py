@@ -14,16 +14,12 @@ import argparse
 import copy
 import statistics
 
-from _runs import base_config, step_seconds, workdir
+from _runs import add_run_args, base_config, step_seconds, workdir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--tokens", type=float, default=1.5e5, help="new tokens per task (2 tasks)")
-    ap.add_argument("--repeats", type=int, default=3)
+    add_run_args(ap)
     args = ap.parse_args()
     wd = workdir()
     base = base_config(args.preset, args.seq_len, args.batch_size, int(args.tokens))
