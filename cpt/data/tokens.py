@@ -101,13 +101,18 @@ def prepare_task(
     text_field: str = "text",
     val_fraction: float = 0.05,
     log=print,
+    key_of_source: str | None = None,
 ) -> TaskTokens:
-    """Tokenize one task's source into the cache (once) and memory-map it."""
+    """Tokenize one task's source into the cache (once) and memory-map it.
+
+    `key_of_source` is `source_key(path, fmt, text_field)` when the caller has already hashed the
+    source (hashing reads every byte, so a run hashes each file once).
+    """
     path = Path(path)
     if not path.exists():
         raise CptError(f"{path}: data file for task {name!r} not found (tasks.N.path)")
     key = hashlib.sha256(
-        f"{CACHE_VERSION}|{source_key(path, fmt, text_field)}|{tok.fingerprint}|{val_fraction}".encode()
+        f"{CACHE_VERSION}|{key_of_source or source_key(path, fmt, text_field)}|{tok.fingerprint}|{val_fraction}".encode()
     ).hexdigest()[:24]
     directory = cache / "tokens" / key
     if not (directory / "meta.json").is_file():

@@ -15,6 +15,8 @@ row of the loss matrix per task), resumable checkpoints, and the run directory:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -191,19 +193,16 @@ def resolve_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype | None]:
     return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
-def load_or_train_tokenizer(cfg: RunConfig, cache: Path) -> TextTokenizer:
+def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str]) -> TextTokenizer:
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.model.init:
         init = Path(cfg.model.init)
         if (init / "tokenizer.json").is_file() or (init / "tokenizer_config.json").is_file():
             return load_tokenizer(init)
-    parts = [f"{source_key(Path(t.path), t.format, t.text_field)}:{t.val_fraction}" for t in cfg.tasks]
-    key = (
-        __import__("hashlib")
-        .sha256(f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}".encode())
-        .hexdigest()[:20]
-    )
+    parts = [f"{key}:{t.val_fraction}" for key, t in zip(source_keys, cfg.tasks)]
+    settings = f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:20]
 
     def texts():
         for t in cfg.tasks:
@@ -262,10 +261,13 @@ class Run:
 
         if not self.is_main:
             distributed.barrier()  # rank 0 trains the tokenizer and fills the token cache first
-        self.tokenizer = load_or_train_tokenizer(cfg, cache)
+        source_keys = [source_key(Path(t.path), t.format, t.text_field) for t in cfg.tasks]  # reads each file once
+        self.tokenizer = load_or_train_tokenizer(cfg, cache, source_keys)
         self.tasks: list[TaskTokens] = [
-            prepare_task(t.name, t.path, self.tokenizer, cache, fmt=t.format, text_field=t.text_field, val_fraction=t.val_fraction, log=log)
-            for t in cfg.tasks
+            prepare_task(
+                t.name, t.path, self.tokenizer, cache, fmt=t.format, text_field=t.text_field, val_fraction=t.val_fraction, log=log, key_of_source=key
+            )
+            for key, t in zip(source_keys, cfg.tasks)
         ]
         if self.is_main:
             distributed.barrier()
@@ -481,10 +483,15 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for micro in rows.chunk(cfg.training.grad_accum):
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = causal_lm_loss(self.train_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
-            (loss / cfg.training.grad_accum).backward()
+        micros = rows.chunk(cfg.training.grad_accum)
+        for i, micro in enumerate(micros):
+            # under DDP, all-reduce gradients once per optimizer step, not once per micro-batch
+            last = i == len(micros) - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    loss = causal_lm_loss(self.train_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
+                (loss / cfg.training.grad_accum).backward()
             total += float(loss.detach()) / cfg.training.grad_accum
         if self.world > 1:  # the global mean, so every rank takes the same NaN decision
             total = distributed.all_reduce_sum([total], self.device)[0] / self.world
