@@ -90,7 +90,13 @@ class TrainingConfig(Section):
     lr: Real = Field(1e-3, gt=0, le=1.0, description="Peak learning rate.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs).")
-    compile: bool = Field(False, description="Wrap the model in `torch.compile`.")
+    compile: bool = Field(False, description="Wrap the model in `torch.compile` (under FSDP2: each decoder layer).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: `ddp` replicates the model; `fsdp` shards parameters, gradients and optimizer state (FSDP2 "
+        "`fully_shard` per decoder layer) and checkpoints through torch distributed checkpoint. Ignored in one process.",
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute).")
     eval_every: Count = Field(0, ge=0, description="Evaluate every task's held-out loss every N steps (0: only at task ends).")
     eval_tokens: Count = Field(65536, ge=1, description="Held-out tokens per task per evaluation (a fixed set).")
     eval_batch_size: Count = Field(16, ge=1, description="Sequences per evaluation forward pass.")

@@ -82,11 +82,21 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarra
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, windows: np.ndarray, batch_size: int, device: torch.device, autocast_dtype=None) -> tuple[float, int]:
-    """(sum of token losses, token count) over the windows; the caller divides (and all-reduces)."""
+def heldout_loss(
+    model: torch.nn.Module, windows: np.ndarray, batch_size: int, device: torch.device, autocast_dtype=None, min_batches: int = 0, pad=None
+) -> tuple[float, int]:
+    """(sum of token losses, token count) over the windows; the caller divides (and all-reduces).
+
+    `min_batches`: run at least this many forward passes, the extra ones on `pad` and not counted
+    (under FSDP2 every rank must take part in every forward).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    n_batches = math.ceil(len(windows) / batch_size)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for _ in range(n_batches, min_batches):
+            model(input_ids=torch.from_numpy(pad[:, :-1]).to(device))
     for start in range(0, len(windows), batch_size):
         rows = torch.from_numpy(windows[start : start + batch_size]).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -97,10 +97,21 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_hf(model: torch.nn.Module, directory: Path, tokenizer=None) -> None:
-    """`save_pretrained` (safetensors) plus the tokenizer, so the directory is a complete HF model."""
+def save_hf(model: torch.nn.Module, directory: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """`save_pretrained` (safetensors) plus the tokenizer, so the directory is a complete HF model.
+
+    `state_dict`: the full weights when `model` itself is sharded (FSDP2 gathers them to rank 0).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     unwrapped = getattr(model, "_orig_mod", model)
-    unwrapped.save_pretrained(str(directory), safe_serialization=True)
+    unwrapped.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
+    arch = unwrapped.config.architectures or []
+    if any(a.startswith("FSDP") for a in arch):  # FSDP2 renames the class it wraps; record the model's own
+        import json
+
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["architectures"] = [a.removeprefix("FSDP") for a in arch]
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -1,6 +1,7 @@
 """Data-parallel runs under torchrun (gloo on CPU): same results as one process at the same global batch."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -29,16 +30,25 @@ def _config(small_texts, tmp_path, batch_size):
     return path
 
 
-def test_two_ranks_match_one_process_at_the_same_global_batch(small_texts, tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", str(_config(small_texts, tmp_path, 4)), "--out", str(two)],
-        capture_output=True, text=True,
-    )
+def _torchrun(*args):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", *map(str, args)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "cpt", "train", str(_config(small_texts, tmp_path, 8)), "--out", str(one)], capture_output=True, text=True)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def one_process(small_texts, tmp_path_factory):
+    """The reference: one process at global batch 8."""
+    d = tmp_path_factory.mktemp("one")
+    proc = subprocess.run([sys.executable, "-m", "cpt", "train", str(_config(small_texts, d, 8)), "--out", str(d / "run")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = json.loads((one / "summary.json").read_text())
+    return json.loads((d / "run" / "summary.json").read_text())
+
+
+def test_two_ranks_match_one_process_at_the_same_global_batch(small_texts, tmp_path, one_process):
+    two = tmp_path / "two"
+    _torchrun(_config(small_texts, tmp_path, 4), "--out", two)
+    a = one_process
     b = json.loads((two / "summary.json").read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
     np.testing.assert_allclose(b["loss_matrix"], a["loss_matrix"], rtol=1e-3)
@@ -93,3 +103,36 @@ def test_reptile_meta_update_leaves_identical_parameters_on_both_ranks(tmp_path)
     result = torch.load(out)
     assert result["meta_updates"] == 2
     assert torch.equal(result["params"][0], result["params"][1])
+
+
+def test_fsdp2_matches_one_process_and_resumes_from_its_sharded_checkpoint(small_texts, tmp_path, one_process):
+    """FSDP2 (fully_shard, gloo): same losses as one process; DCP checkpoints resume to the identical run."""
+    cfg = _config(small_texts, tmp_path, 4)
+    out = tmp_path / "fsdp"
+    _torchrun(cfg, "training.parallel=fsdp", "checkpoint.every=5", "checkpoint.keep=50", "--out", out)
+    s = json.loads((out / "summary.json").read_text())
+    np.testing.assert_allclose(s["loss_matrix"], one_process["loss_matrix"], rtol=1e-3)
+    assert s["meta_updates"] == one_process["meta_updates"] and s["tokens"] == one_process["tokens"]
+    # every rank wrote its own shards; the HF checkpoint holds the whole model and loads as a plain Llama
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    mid = ckpts[len(ckpts) // 2]
+    assert {p.name for p in (mid / "dcp").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert (mid / "anchor-rank0.pt").is_file() and (mid / "anchor-rank1.pt").is_file()
+    from transformers import AutoModelForCausalLM
+
+    from cpt.model import count_parameters
+
+    final = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "final")
+    assert type(final).__name__ == "LlamaForCausalLM" and count_parameters(final) == s["parameters"]
+    # interrupt it after `mid`: later checkpoints and the outputs of the end are gone; resume on 2 ranks
+    for later in ckpts[ckpts.index(mid) + 1 :]:
+        shutil.rmtree(later)
+    (out / "summary.json").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", "--resume", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed at step {int(mid.name.split('-')[1])}" in proc.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["loss_matrix"] == s["loss_matrix"]
+    assert resumed["meta_updates"] == s["meta_updates"]

@@ -18,7 +18,7 @@ from tests.conftest import tiny_config
 
 SUMMARY_FIELDS = {
     "tasks", "loss_matrix", "forgetting_score", "retained_loss", "learned_loss", "avg_final_loss", "bwt",
-    "tokens", "steps", "wall_seconds", "tokens_per_second", "replay_fraction", "meta_updates",
+    "tokens", "steps", "wall_seconds", "tokens_per_second", "replay_fraction", "meta_updates", "flops",
 }
 
 
@@ -44,6 +44,8 @@ def test_run_writes_every_file(run_dir):
     # training French lowers French loss: the run learned something
     assert L[1][1] < L[0][1]
     assert summary["tokens"]["new"] >= 24_000 and summary["tokens"]["replay"] == 0
+    # compute accounting: FLOPs per token (cpt.flops) × every token trained on
+    assert summary["flops"]["training"] == summary["flops"]["per_token"] * summary["tokens"]["new"] > 0
     # the resolved config is the one that ran, and it validates again
     validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -132,3 +134,29 @@ def test_cli_eval_and_report(run_dir, tmp_path):
     assert rep.returncode == 0, rep.stderr
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000
     assert subprocess.run([sys.executable, "-m", "cpt", "--help"], capture_output=True, text=True).stdout.count("cpt demo") == 1
+
+
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same(small_texts, tmp_path):
+    """Each decoder layer runs twice per step (forward + recompute in backward); the losses do not change."""
+    from cpt.training.loop import Run
+
+    calls = []
+    summaries = []
+    for on in (False, True):
+        cfg = validate(tiny_config(small_texts, training={"activation_checkpointing": on}, checkpoint={"task_ends": False}))
+        run = Run(cfg, tmp_path / f"ac-{on}")
+        (tmp_path / f"ac-{on}").mkdir()
+        n = []
+        mlp = run.model.model.layers[0].mlp  # runs inside the checkpointed layer forward
+
+        def counted(*args, forward=mlp.forward, n=n, **kwargs):
+            n.append(1)
+            return forward(*args, **kwargs)
+
+        mlp.forward = counted
+        summaries.append(run.run())
+        calls.append(len(n))
+    flat = [[v for row in s["loss_matrix"] for v in row] for s in summaries]
+    assert flat[1] == pytest.approx(flat[0], rel=1e-5)
+    steps = summaries[0]["steps"]
+    assert calls[1] - calls[0] == steps  # one recompute of the layer per training step

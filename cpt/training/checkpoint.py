@@ -2,7 +2,9 @@
 
 A checkpoint is a directory `checkpoints/step-<N>/` holding `state.pt` (model, optimizer, RNGs,
 data positions, replay-buffer metadata, Reptile anchor, the loss matrix so far) and
-`manifest.json` with a sha256 per file. It is written under a temporary name and renamed into
+`manifest.json` with a sha256 per file. Under FSDP2 the model and optimizer shards are in
+`dcp/` (torch distributed checkpoint, one file per rank) and each rank's Reptile anchor shard in
+`anchor-rank<r>.pt`; the manifest covers them too. It is written under a temporary name and renamed into
 place, so a crash or a full disk never leaves a half-written directory under the final name; on
 resume a checkpoint whose files do not match their checksums is reported and the previous good
 one is used.
@@ -32,16 +34,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(root: Path, step: int, state: dict, keep: int) -> Path:
-    """Write `root/step-<step>` atomically, then delete all but the newest `keep`."""
+def staging_dir(root: Path, step: int) -> Path:
+    """Where every rank of an FSDP2 run writes its shards before rank 0 renames the checkpoint into place."""
+    return root / f".tmp-step-{step:08d}-shards"
+
+
+def save_checkpoint(root: Path, step: int, state: dict, keep: int, staged: Path | None = None) -> Path:
+    """Write `root/step-<step>` atomically, then delete all but the newest `keep`.
+
+    `staged`: a staging directory other ranks already wrote files into (sharded model and optimizer
+    state, per-rank anchors); they join the checkpoint and its manifest.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staged if staged is not None else root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=staged is not None)
         torch.save(state, tmp / "state.pt")
-        manifest = {"step": step, "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         with open(tmp / "manifest.json", "rb") as fh:
             os.fsync(fh.fileno())

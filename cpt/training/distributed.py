@@ -5,7 +5,10 @@ The method itself has no second code path: each rank reads its own windows of ev
 gradients are averaged; Reptile then edits identical weights on every rank. Only rank 0 writes
 metrics, summaries, HF checkpoints and reports; resumable checkpoints hold every rank's data
 position, buffer state and RNG (gathered to rank 0), so a run resumes on the same world size.
-With one process (no `WORLD_SIZE`), every function here is a no-op.
+With `training.parallel: fsdp` the model is sharded instead (FSDP2, below): parameters, gradients and
+optimizer state are split across ranks, resumable checkpoints are written by every rank through torch
+distributed checkpoint, and HF checkpoints are gathered to rank 0 first.
+With one process (no `WORLD_SIZE`), the collective functions here are no-ops.
 """
 
 from __future__ import annotations
@@ -66,3 +69,58 @@ def broadcast_object(obj):
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ FSDP2
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF causal LM (`model.model.layers` for Llama, Qwen2, Mistral …)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        from cpt.errors import CptError
+
+        raise CptError(f"training.parallel: fsdp needs a model with model.model.layers; {type(model).__name__} has none")
+    return list(layers)
+
+
+def shard_model(model: torch.nn.Module, mixed_bf16: bool, compile_layers: bool = False) -> None:
+    """FSDP2 in place: one `fully_shard` unit per decoder layer, then the root (embeddings, norm, lm_head).
+
+    Parameters become DTensors sharded on dim 0 across the ranks; the optimizer built afterwards owns
+    only the local shards, and so does a Reptile anchor made from it. With `mixed_bf16`, layers
+    compute in bf16 and gradients are reduced in fp32 (the sharded master weights stay fp32).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        if compile_layers:
+            layer.compile()
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Collective: the whole (unsharded) model state on rank 0, on CPU; an empty dict elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
+    """Collective: every rank writes its own shards of model and optimizer state (torch distributed checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
+    """Collective: read the shards written by `save_sharded` (same world size) into model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpt import evaluate
+from cpt import evaluate, flops
 from cpt.alignment.probe import gradient_cosines
 from cpt.alignment.reptile import Reptile, optimizer_params
 from cpt.config import RunConfig, dump_config, load_config
@@ -285,8 +285,22 @@ class Run:
             raise CptError(f"training.seq_len: {tr.seq_len} exceeds the model's {max_positions(self.model)} positions")
         self.model.to(self.device)
         self.n_params = count_parameters(self.model)
+        self.shape = flops.shape_of(self.model)
+        if tr.activation_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise CptError(f"training.activation_checkpointing: {type(self.model).__name__} does not support it")
+            # transformers checkpoints each layer's forward (module hooks such as FSDP2's stay outside it)
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ddp = None
-        if self.world > 1:
+        self.fsdp = self.world > 1 and tr.parallel == "fsdp"
+        if self.fsdp:
+            if cfg.alignment.probe_every:
+                raise CptError("alignment.probe_every: the gradient probe does not run under training.parallel: fsdp; use ddp or set it to 0")
+            distributed.shard_model(self.model, mixed_bf16=self.autocast_dtype is not None, compile_layers=tr.compile)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -317,6 +331,7 @@ class Run:
 
         self.buffer = self.prefetcher = None
         self.resume = resume
+        self.resumed_from: Path | None = None  # the checkpoint directory a resume reads
         self.source: MixedBatchSource | None = None  # made in run(): the buffer lives in the run directory
 
         self.optimizer = make_adamw(
@@ -329,8 +344,10 @@ class Run:
         al = cfg.alignment
         self.reptile = Reptile(optimizer_params(self.optimizer), al.k, al.beta, al.anchor_device) if al.method == "reptile" else None
         # compile the decoder body (the fused loss runs the lm_head itself), or the whole model
-        self.train_body = torch.compile(self.model.model) if tr.compile and supports_fused_loss(self.model) else None
-        self.forward_model = torch.compile(self.model) if tr.compile and self.train_body is None else self.model
+        # (under FSDP2 each decoder layer was compiled before sharding)
+        compile_here = tr.compile and not self.fsdp
+        self.train_body = torch.compile(self.model.model) if compile_here and supports_fused_loss(self.model) else None
+        self.forward_model = torch.compile(self.model) if compile_here and self.train_body is None else self.model
         # DDP averages gradients across ranks (the fused loss then takes the plain path, which DDP hooks see)
         self.train_model = self.ddp if self.ddp is not None else self.forward_model
         self.eval_sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in self.tasks]
@@ -395,9 +412,12 @@ class Run:
         losses = {}
         for task, windows in zip(self.tasks, self.eval_sets):
             mine = windows[self.rank :: self.world]  # each rank evaluates its share; sums are reduced
+            bs = self.cfg.training.eval_batch_size
+            # FSDP2: every forward is collective, so every rank runs as many batches as rank 0 (the most)
+            batches = math.ceil(len(windows[0 :: self.world]) / bs) if self.fsdp else 0
             total, count = (
-                evaluate.heldout_loss(self.forward_model, mine, self.cfg.training.eval_batch_size, self.device, self.autocast_dtype)
-                if len(mine)
+                evaluate.heldout_loss(self.forward_model, mine, bs, self.device, self.autocast_dtype, min_batches=batches, pad=windows[:1])
+                if len(mine) or batches
                 else (0.0, 0)
             )
             total, count = distributed.all_reduce_sum([total, count], self.device)
@@ -423,12 +443,16 @@ class Run:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        reptile = self.reptile.state_dict() if self.reptile else None
+        if self.fsdp and reptile is not None:
+            reptile["anchor"] = None  # each rank's anchor shard has its own file (save_resumable)
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # under FSDP2 model and optimizer shards are written by every rank through DCP (save_resumable)
+            "model": None if self.fsdp else self.model.state_dict(),
+            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
             "sources": distributed.gather_to_all(self.source.state_dict()),  # one per rank
-            "reptile": self.reptile.state_dict() if self.reptile else None,
+            "reptile": reptile,
             "rngs": distributed.gather_to_all(_rng_state()),
             "probe": {"streams": [s.state_dict() for s in self.probe_streams], "rng": self.probe_rng.bit_generator.state}
             if self.cfg.alignment.probe_every
@@ -442,16 +466,25 @@ class Run:
             "metrics_offset": self.metrics.offset(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, directory: Path | None = None) -> None:
         self.step = state["step"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if len(state["sources"]) != self.world:
             raise CptError(
                 f"{self.out}: the checkpoint was written by {len(state['sources'])} process(es); resume with the same number (now {self.world})"
             )
+        sharded = state["model"] is None
+        if sharded != self.fsdp:
+            kind = "FSDP2 (training.parallel: fsdp)" if sharded else "unsharded"
+            raise CptError(f"{directory}: an {kind} checkpoint; resume with the training.parallel it was written with")
+        if sharded:
+            distributed.load_sharded(self.model, self.optimizer, directory / "dcp")
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.source.load_state_dict(state["sources"][self.rank])
         if self.reptile and state["reptile"]:
+            if sharded:
+                state["reptile"]["anchor"] = torch.load(directory / f"anchor-rank{self.rank}.pt", map_location="cpu")
             self.reptile.load_state_dict(state["reptile"])
         _set_rng_state(state["rngs"][self.rank])
         if state.get("probe") and self.cfg.alignment.probe_every:
@@ -469,10 +502,28 @@ class Run:
         if self.buffer is not None:
             # the buffer keeps an undo journal per checkpoint so any kept checkpoint can be restored
             self.buffer.flush(keep_journals=self.cfg.checkpoint.keep + 1)
+        root = self.out / "checkpoints"
+        staged = None
+        if self.fsdp:
+            staged = ckpt.staging_dir(root, self.step)
+            if self.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            distributed.barrier()
+            distributed.save_sharded(self.model, self.optimizer, staged / "dcp")  # collective
+            if self.reptile is not None:
+                torch.save(self.reptile.state_dict()["anchor"], staged / f"anchor-rank{self.rank}.pt")
+            distributed.barrier()
         state = self.state_dict()  # collective: every rank takes part
         if self.is_main:
-            ckpt.save_checkpoint(self.out / "checkpoints", self.step, state, self.cfg.checkpoint.keep)
+            ckpt.save_checkpoint(root, self.step, state, self.cfg.checkpoint.keep, staged=staged)
         distributed.barrier()
+
+    def save_hf_checkpoint(self, directory: Path) -> None:
+        """An HF checkpoint of the current weights, written by rank 0 (under FSDP2 gathered from every rank first)."""
+        state = distributed.full_state_dict(self.model) if self.fsdp else None  # collective
+        if self.is_main:
+            save_hf(self.model, directory, self.tokenizer, state_dict=state)
 
     # ---------------------------------------------------------------- the step
     def _train_step(self, step: int) -> tuple[float, int]:
@@ -488,6 +539,8 @@ class Run:
             # under DDP, all-reduce gradients once per optimizer step, not once per micro-batch
             last = i == len(micros) - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                     loss = causal_lm_loss(self.train_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
@@ -529,7 +582,7 @@ class Run:
         else:
             self.metrics = NoMetrics()
         if resumed_state is not None:
-            self.load_state_dict(resumed_state)
+            self.load_state_dict(resumed_state, self.resumed_from)
             self.log(f"resumed at step {self.step}/{self.plan.total_steps}")
         else:
             self.log(
@@ -622,29 +675,30 @@ class Run:
         cfg = self.cfg
         row = self.loss_matrix[-1]
         self.log(f"after {self.row_names[task]}: " + "  ".join(f"{t.name}={v:.3f}" for t, v in zip(self.tasks, row)))
-        if cfg.checkpoint.task_ends and cfg.training.strategy != "joint" and self.is_main:
-            save_hf(self.model, self.out / "checkpoints" / f"task-{task}-{self.row_names[task]}", self.tokenizer)
+        if cfg.checkpoint.task_ends and cfg.training.strategy != "joint":
+            self.save_hf_checkpoint(self.out / "checkpoints" / f"task-{task}-{self.row_names[task]}")
         if cfg.optimizer.reset_at_task:
             self.optimizer.state = defaultdict(dict)
         self.save_resumable()
 
     def _finish(self) -> dict:
         cfg = self.cfg
-        if self.is_main:
-            save_hf(self.model, self.out / "checkpoints" / "final", self.tokenizer)
+        self.save_hf_checkpoint(self.out / "checkpoints" / "final")
         stats = self.source.stats
         wall = self.wall_before + (time.perf_counter() - self.t_start)
+        # every rank trains the same number of new and replayed rows per step
+        tokens = {
+            "new": int(sum(stats.new_rows)) * cfg.training.seq_len * self.world,
+            "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len * self.world,
+        }
+        per_token = flops.flops_per_token(self.shape, cfg.training.seq_len)
         summary = {
             "run": cfg.name or self.out.name,
             "strategy": cfg.training.strategy,
             "tasks": [t.name for t in self.tasks],
             "loss_matrix": self.loss_matrix,
             **evaluate.summarize(self.loss_matrix),
-            # every rank trains the same number of new and replayed rows per step
-            "tokens": {
-                "new": int(sum(stats.new_rows)) * cfg.training.seq_len * self.world,
-                "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len * self.world,
-            },
+            "tokens": tokens,
             "world_size": self.world,
             "replay_rate": cfg.replay.rate,
             "replay_fraction": stats.fraction(),
@@ -655,6 +709,12 @@ class Run:
             "steps": self.step,
             "task_boundaries": self.plan.task_ends,
             "parameters": self.n_params,
+            # training compute (cpt.flops): 6·N + 12·L·T·d_attn per token trained on, new and replayed
+            "flops": {
+                "per_token": per_token,
+                "training": per_token * (tokens["new"] + tokens["replay"]),
+                "matmul_parameters": self.shape.matmul_params,
+            },
             "wall_seconds": wall,
             "train_seconds": self.train_seconds,
             "probe_seconds": self.probe_seconds,
@@ -739,7 +799,7 @@ def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
             _log(f"{out}: no usable checkpoint; starting the run from the beginning")
             (out / "metrics.jsonl").unlink(missing_ok=True)
         else:
-            state = found[1]
+            run.resumed_from, state = found
     try:
         return run.run(state)
     finally:

@@ -119,10 +119,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def supports_fused_loss(model: torch.nn.Module) -> bool:
     """True for an HF causal LM with a bias-free linear lm_head over `model.model` (Llama & co).
 
-    False for a DistributedDataParallel wrapper: calling its inner modules directly would skip
-    DDP's gradient hooks, so such models take the plain path.
+    False for a DistributedDataParallel wrapper or an FSDP2-sharded model: calling their inner modules
+    directly would skip the wrapper's hooks (gradient reduction, parameter gathering), so such models
+    take the plain path.
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # the root's hooks gather lm_head only when the whole model is called
         return False
     base = getattr(model, "_orig_mod", model)
     head = getattr(base, "lm_head", None)
