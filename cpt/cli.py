@@ -17,6 +17,7 @@ examples:
   cpt train --resume runs/a                  continue from the latest checkpoint
   cpt eval runs/a                            re-evaluate checkpoints/final on every task
   cpt report runs/a runs/b --out report/     Markdown + HTML report with plots
+  cpt sweep examples/sweep-tiny.yaml         a grid of runs, its table and the scaling report
   cpt config-reference > docs/config.md      every config key
 """
 
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
     d.add_argument("--overwrite", action="store_true", help="re-run strategies that already finished")
+
+    w = sub.add_parser("sweep", help="run a grid of runs (model × replay rate × alignment × seed); table + scaling report")
+    w.add_argument("sweep_file", help="sweep YAML (base config + grid; see examples/sweep-tiny.yaml)")
+    w.add_argument("--out", help="sweep directory (default: runs/<sweep name>)")
+    w.add_argument("--overwrite", action="store_true", help="re-run finished runs and replace runs made with another config")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished; run nothing")
 
     sub.add_parser("config-reference", help="print the reference of every config key (Markdown)")
     return p
@@ -119,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "sweep":
+            from cpt.sweep import run_sweep
+            from cpt.training.loop import ensure_threads
+
+            ensure_threads()
+            run_sweep(args.sweep_file, args.out, overwrite=args.overwrite, dry_run=args.dry_run)
+            return 0
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "config-reference":

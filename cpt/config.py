@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cpt.errors import CptError
 
@@ -75,9 +75,18 @@ class TaskConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: str = Field("tiny", description="Named shape from `cpt.model.PRESETS` (tiny, demo, paper-99m, paper-560m, paper-1b, paper-3b).")
+    preset: str = Field("tiny", description="Named shape from `cpt.model.PRESETS` (tiny, small, demo, paper-99m, paper-560m, paper-1b, paper-3b).")
     init: str | None = Field(None, description="Local HF checkpoint directory to continue from (overrides `preset`).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from cpt.model import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
 
 
 class TrainingConfig(Section):

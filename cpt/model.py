@@ -2,8 +2,8 @@
 
 Every model is a real `transformers.LlamaForCausalLM` (or, with `model.init`, any local HF causal
 LM checkpoint), so a run's checkpoints load with `AutoModelForCausalLM.from_pretrained`. The
-presets name the shapes used here: `tiny` for tests, `demo` for the bundled CPU default, and the
-paper's public configs (layers × hidden, heads, FFN, peak LR; see arXiv 2508.01908).
+presets name the shapes used here: `tiny` for tests, `demo` for the bundled CPU default, `small`
+between them for the default scaling sweep, and the paper's public configs (layers × hidden, heads, FFN, peak LR; see arXiv 2508.01908).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(layers=2, hidden=64, heads=4, ffn=176, peak_lr=3e-3, max_positions=1024),
+    "small": Preset(layers=4, hidden=128, heads=4, ffn=344, peak_lr=3e-3, max_positions=1024),
     "demo": Preset(layers=4, hidden=256, heads=4, ffn=688, peak_lr=2e-3, max_positions=1024),
     "paper-99m": Preset(layers=16, hidden=512, heads=8, ffn=1280, peak_lr=4e-4, tie_embeddings=False),
     "paper-560m": Preset(layers=24, hidden=1024, heads=16, ffn=2560, peak_lr=2.8e-4, tie_embeddings=False),

@@ -1,0 +1,268 @@
+"""`cpt sweep SWEEP.yaml`: a grid of ordinary runs (model size × replay rate × alignment × seed …).
+
+A sweep file names a base run config and a grid of dotted keys, one run per combination:
+
+    name: sweep-tiny
+    base: tiny.yaml                # a run config (relative to this file), or `bundled` (the demo's
+                                   # five languages and settings)
+    set:                           # dotted overrides for every run (optional)
+      tasks.0.tokens: 2.0e4
+    grid:                          # dotted key -> values; the runs are the cartesian product
+      model.preset: [tiny, small]
+      replay.rate: [0.0, 0.25]
+      seed: [0, 1]
+
+Every run is a normal run directory `OUT/runs/<name>` named from its grid values. Calling the
+sweep again skips finished runs, resumes interrupted ones (from their latest checkpoint) and
+refuses a run directory whose saved config differs from the sweep's (pass --overwrite). After
+the runs, `OUT/sweep.csv` and `OUT/sweep.md` hold one row per run, and `OUT/scaling/` the scaling
+report (cpt.report.scaling): loss and forgetting against training FLOPs and the verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpt.config import RunConfig, apply_override, dump_config, parse_override, resolve_paths, validate
+from cpt.errors import CptError
+
+SWEEP_KEYS = {"name", "base", "set", "grid"}
+
+
+@dataclass
+class SweepRun:
+    name: str
+    values: dict[str, Any]  # grid key -> value
+    config: RunConfig
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    grid: dict[str, list]
+    runs: list[SweepRun]
+
+
+def _label(key: str, value: Any) -> str:
+    short = key.split(".")[-1]
+    text = str(value).replace("/", "-")
+    return f"{short}-{text}"
+
+
+def _base_config(base: Any, sweep_path: Path) -> dict:
+    if base == "bundled":
+        from cpt.demo import demo_config
+
+        cfg = demo_config("sequential")
+        cfg.pop("name", None)
+        return cfg
+    if isinstance(base, dict):
+        return resolve_paths(copy.deepcopy(base), sweep_path.parent.resolve())
+    if not isinstance(base, str):
+        raise CptError(f"{sweep_path}: base: expected a run config file, `bundled`, or a mapping")
+    path = (sweep_path.parent / base).resolve()
+    if not path.is_file():
+        raise CptError(f"{sweep_path}: base: {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise CptError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CptError(f"{path}: expected a mapping of sections at the top level")
+    data.pop("name", None)
+    return resolve_paths(data, path.parent)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file and every run config it expands to (nothing is written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CptError(f"{path}: sweep file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise CptError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CptError(f"{path}: expected a mapping with base and grid")
+    unknown = sorted(set(data) - SWEEP_KEYS)
+    if unknown:
+        raise CptError(f"{path}: {unknown[0]}: unknown key (a sweep has {', '.join(sorted(SWEEP_KEYS))})")
+    if "base" not in data:
+        raise CptError(f"{path}: base: missing (a run config file, or `bundled`)")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict) or not grid:
+        raise CptError(f"{path}: grid: expected a mapping of dotted keys to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise CptError(f"{path}: grid.{key}: expected a non-empty list of values")
+    overrides = data.get("set") or {}
+    if not isinstance(overrides, dict):
+        raise CptError(f"{path}: set: expected a mapping of dotted keys to values")
+    base = _base_config(data["base"], path)
+    for key, value in overrides.items():
+        apply_override(base, *_parsed(key, value))
+    runs = []
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        cfg = copy.deepcopy(base)
+        for key, value in values.items():
+            apply_override(cfg, *_parsed(key, value))
+        name = "_".join(_label(k, v) for k, v in values.items())
+        cfg["name"] = name
+        runs.append(SweepRun(name, values, validate(cfg, f"{path} (run {name})")))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise CptError(f"{path}: grid: two combinations give the same run name; make the values distinct")
+    return Sweep(str(data.get("name") or path.stem), path, grid, runs)
+
+
+def _parsed(key: str, value: Any) -> tuple[list[str], Any, str]:
+    parts, _ = parse_override(f"{key}=")
+    if isinstance(value, str):  # "2e6" and friends, as on the command line
+        _, value = parse_override(f"{key}={value}")
+    return parts, value, f"{key}={value}"
+
+
+def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool = False, dry_run: bool = False) -> list[dict]:
+    """Run every grid point not finished yet; write the table and the scaling report. Returns the rows."""
+    from cpt.training.loop import MARKER, train
+
+    sweep = load_sweep(path)
+    out = Path(out) if out else Path("runs") / sweep.name
+    runs_dir = out / "runs"
+    print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) in {runs_dir}", file=sys.stderr)
+    for r in sweep.runs:  # refuse mismatches before training anything
+        saved = runs_dir / r.name / "config.yaml"
+        if saved.is_file() and not overwrite and saved.read_text(encoding="utf-8") != dump_config(r.config):
+            raise CptError(f"{saved}: this run was made with a different config than {sweep.path} now gives; pass --overwrite or use another --out")
+    if dry_run:
+        for r in sweep.runs:
+            state = "finished" if (runs_dir / r.name / "summary.json").is_file() else "to run"
+            print(f"{r.name}\t{state}")
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
+    t0 = time.perf_counter()
+    failed = []
+    for i, r in enumerate(sweep.runs, 1):
+        run_dir = runs_dir / r.name
+        print(f"== [{i}/{len(sweep.runs)}] {r.name} ({time.perf_counter() - t0:.0f}s into the sweep) ==", file=sys.stderr, flush=True)
+        if (run_dir / "summary.json").is_file() and not overwrite:
+            print(f"{run_dir}: finished earlier; skipped", file=sys.stderr)
+            continue
+        resume = (run_dir / MARKER).is_file() and not overwrite
+        try:
+            train(None if resume else r.config, run_dir, resume=resume, overwrite=overwrite)
+        except CptError as err:  # one bad run does not lose the others
+            print(f"cpt: error: {r.name}: {err}", file=sys.stderr)
+            failed.append(r.name)
+    rows = collect(sweep, runs_dir)
+    write_tables(rows, out, sweep.grid)
+    from cpt.report.scaling import write_scaling_report
+
+    files = write_scaling_report(rows, out / "scaling", title=f"cpt sweep: {sweep.name}")
+    print(f"\nsweep finished in {time.perf_counter() - t0:.0f}s: {len(rows)} run(s) with results", file=sys.stderr)
+    print(markdown_table(rows))
+    print(f"\ntable: {out / 'sweep.csv'}\n       {out / 'sweep.md'}\nreport: {files['report.html']}")
+    if failed:
+        raise CptError(f"{len(failed)} run(s) failed: {', '.join(failed)} (the others are in the table)")
+    return rows
+
+
+COLUMNS = [
+    ("run", "run"),
+    ("preset", "preset"),
+    ("parameters", "parameters"),
+    ("replay_rate", "replay rate"),
+    ("alignment", "alignment"),
+    ("seed", "seed"),
+    ("steps", "steps"),
+    ("tokens_new", "tokens new"),
+    ("tokens_replay", "tokens replay"),
+    ("flops", "training FLOPs"),
+    ("forgetting_score", "forgetting"),
+    ("retained_loss", "retained"),
+    ("learned_loss", "learned"),
+    ("avg_final_loss", "avg final"),
+    ("wall_seconds", "wall s"),
+]
+
+
+def collect(sweep: Sweep, runs_dir: Path) -> list[dict]:
+    """One row per finished run of the sweep (unfinished ones are left out)."""
+    rows = []
+    for r in sweep.runs:
+        f = runs_dir / r.name / "summary.json"
+        if not f.is_file():
+            continue
+        try:
+            s = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise CptError(f"{f}: not valid JSON (delete the run directory to re-run it)") from None
+        cfg = r.config
+        rows.append(
+            {
+                "run": r.name,
+                "preset": Path(cfg.model.init).name if cfg.model.init else cfg.model.preset,
+                "parameters": s.get("parameters"),
+                "replay_rate": cfg.replay.rate,
+                "alignment": cfg.alignment.method if cfg.alignment.method == "none" else f"{cfg.alignment.method} k{cfg.alignment.k} β{cfg.alignment.beta}",
+                "seed": cfg.seed,
+                "steps": s.get("steps"),
+                "tokens_new": s["tokens"]["new"],
+                "tokens_replay": s["tokens"]["replay"],
+                "flops": (s.get("flops") or {}).get("training"),
+                "forgetting_score": s.get("forgetting_score"),
+                "retained_loss": s.get("retained_loss"),
+                "learned_loss": s.get("learned_loss"),
+                "avg_final_loss": s.get("avg_final_loss"),
+                "wall_seconds": s.get("wall_seconds"),
+                **{f"grid:{k}": v for k, v in r.values.items()},
+            }
+        )
+    return rows
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if key == "flops":
+        return f"{v:.3g}"
+    if key in ("parameters", "tokens_new", "tokens_replay", "steps"):
+        return f"{int(v):,}"
+    if key == "wall_seconds":
+        return f"{v:.0f}"
+    if isinstance(v, float):
+        return f"{v:.3f}" if key != "replay_rate" else f"{v:g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict], out: Path, grid: dict) -> None:
+    extra = [f"grid:{k}" for k in grid]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[k for k, _ in COLUMNS] + extra, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    (out / "sweep.csv").write_text(buf.getvalue(), encoding="utf-8")
+    (out / "sweep.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
