@@ -332,6 +332,7 @@ class Run:
         self.buffer = self.prefetcher = None
         self.resume = resume
         self.resumed_from: Path | None = None  # the checkpoint directory a resume reads
+        self.stop_requested = False
         self.source: MixedBatchSource | None = None  # made in run(): the buffer lives in the run directory
 
         self.optimizer = make_adamw(
@@ -546,8 +547,11 @@ class Run:
                     loss = causal_lm_loss(self.train_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
                 (loss / cfg.training.grad_accum).backward()
             total += float(loss.detach()) / cfg.training.grad_accum
-        if self.world > 1:  # the global mean, so every rank takes the same NaN decision
-            total = distributed.all_reduce_sum([total], self.device)[0] / self.world
+        stop = float(self.stopper.signum is not None)
+        if self.world > 1:  # the global mean and any rank's signal, so every rank takes the same NaN and stop decisions
+            total, stop = distributed.all_reduce_sum([total, stop], self.device)
+            total /= self.world
+        self.stop_requested = stop > 0
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.nan_skipped += 1
@@ -664,11 +668,11 @@ class Run:
                     self._task_end(task)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not task_end:
                     self.save_resumable()
-                if self.stopper.signum is not None:
+                if self.stop_requested:  # agreed across ranks in the step, so all of them checkpoint together
                     if not task_end:  # a task end has just written one
                         self.save_resumable()
                     bar.close()
-                    raise Preempted(self.out, self.step, self.stopper.signum)
+                    raise Preempted(self.out, self.step, self.stopper.signum or 15)
             bar.close()
 
     def _task_end(self, task: int) -> None:
