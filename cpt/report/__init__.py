@@ -305,6 +305,53 @@ def _details(r: Run) -> str:
     return " · ".join(p for p in parts if p)
 
 
+def _downstream_blocks(r: Run) -> list[Block]:
+    """The run's lm-eval scores (summary.json `downstream`, written by `cpt eval --lm-eval`) as a
+    checkpoint × benchmark table of each benchmark's main metric (± its standard error)."""
+    from cpt.downstream import main_metric
+
+    scores = r.summary.get("downstream")
+    if not isinstance(scores, dict):
+        return []
+    rows = {
+        c: {b: m for b, m in v.items() if isinstance(m, dict) and main_metric(m)}
+        for c, v in scores.items()
+        if isinstance(v, dict)
+    }
+
+    def order(name: str) -> tuple[int, int, str]:  # init, the task ends in training order, final, the rest
+        m = re.match(r"task-(\d+)-", name)
+        if name == "init":
+            return (0, 0, "")
+        if m:
+            return (1, int(m.group(1)), "")
+        return (2, 0, "") if name == "final" else (3, 0, name)
+
+    checkpoints = sorted((c for c in rows if rows[c]), key=order)
+    benchmarks = list(dict.fromkeys(b for c in checkpoints for b in rows[c]))
+    if not benchmarks:
+        return []
+    label = {f"task-{i}-{t}": f"after {t}" for i, t in enumerate(r.tasks)} | {"init": "init (before training)"}
+    metric = {b: next(main_metric(rows[c][b]) for c in checkpoints if b in rows[c]) for b in benchmarks}
+
+    def cell(m: dict | None, key: str) -> str | None:
+        if not m or not _is_number(m.get(key)):
+            return None
+        err = m.get(f"{key}_stderr")
+        return f"{m[key]:.3f} ± {err:.3f}" if _is_number(err) else f"{m[key]:.3f}"
+
+    table = Table(
+        ["checkpoint", *(f"{b} ({metric[b]})" for b in benchmarks)],
+        [[label.get(c, c), *(cell(rows[c].get(b), metric[b]) for b in benchmarks)] for c in checkpoints],
+    )
+    samples = {rows[c][b].get("samples") for c in checkpoints for b in rows[c]}
+    note = f"; {samples.pop()} examples per task" if len(samples) == 1 and _is_number(next(iter(samples))) else ""
+    return [
+        Para(f"Downstream scores (lm-evaluation-harness, `cpt eval --lm-eval`{note}): each benchmark's main metric ± its standard error."),
+        table,
+    ]
+
+
 def write_report(
     run_dirs: list[Path], out: Path, title: str = "cpt report"
 ) -> dict[str, Path]:
@@ -401,6 +448,7 @@ def write_report(
                 vrange,
             ),
         ]
+        blocks += _downstream_blocks(r)
         if curves := _series(r.evals, "losses", r.tasks):
             blocks.append(
                 figure(
