@@ -124,6 +124,13 @@ def test_fsdp2_matches_one_process_and_resumes_from_its_sharded_checkpoint(small
 
     final = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "final")
     assert type(final).__name__ == "LlamaForCausalLM" and count_parameters(final) == s["parameters"]
+    # `cpt export` of the last sharded step (one process reads every rank's shards) = the gathered final weights
+    from cpt.hf_io import export_checkpoint
+
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(out, tmp_path / "exported", ckpts[-1].name, log=lambda m: None))
+    want = final.state_dict()
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
     # interrupt it after `mid`: later checkpoints and the outputs of the end are gone; resume on 2 ranks
     for later in ckpts[ckpts.index(mid) + 1 :]:
         shutil.rmtree(later)
