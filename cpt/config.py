@@ -305,11 +305,10 @@ def validate(data: Any, source: str = "config") -> RunConfig:
         raise CptError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply dotted overrides, validate; errors name the file and field."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str = "config file", expected: str = "a mapping at the top level") -> dict:
+    """A YAML file holding a mapping; a missing file, bad YAML or another shape is a one-line CptError."""
     if not path.is_file():
-        raise CptError(f"{path}: config file not found")
+        raise CptError(f"{path}: {what} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -317,7 +316,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         where = f" (line {line + 1})" if line is not None else ""
         raise CptError(f"{path}: not valid YAML{where}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise CptError(f"{path}: expected a mapping of sections at the top level")
+        raise CptError(f"{path}: expected {expected}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate; errors name the file and field."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "config file", "a mapping of sections at the top level")
     for text in overrides or []:
         parts, value = parse_override(text)
         apply_override(data, parts, value, text)

@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cpt.config import RunConfig, apply_override, dump_config, parse_override, resolve_paths, validate
+from cpt.config import RunConfig, apply_override, dump_config, parse_override, read_yaml_mapping, resolve_paths, validate
 from cpt.errors import CptError
 
 SWEEP_KEYS = {"name", "base", "set", "grid"}
@@ -73,14 +71,7 @@ def _base_config(base: Any, sweep_path: Path) -> dict:
     if not isinstance(base, str):
         raise CptError(f"{sweep_path}: base: expected a run config file, `bundled`, or a mapping")
     path = (sweep_path.parent / base).resolve()
-    if not path.is_file():
-        raise CptError(f"{sweep_path}: base: {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise CptError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise CptError(f"{path}: expected a mapping of sections at the top level")
+    data = read_yaml_mapping(path, f"base config (named by {sweep_path})", "a mapping of sections at the top level")
     data.pop("name", None)
     return resolve_paths(data, path.parent)
 
@@ -88,14 +79,7 @@ def _base_config(base: Any, sweep_path: Path) -> dict:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file and every run config it expands to (nothing is written)."""
     path = Path(path)
-    if not path.is_file():
-        raise CptError(f"{path}: sweep file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise CptError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise CptError(f"{path}: expected a mapping with base and grid")
+    data = read_yaml_mapping(path, "sweep file", "a mapping with base and grid")
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise CptError(f"{path}: {unknown[0]}: unknown key (a sweep has {', '.join(sorted(SWEEP_KEYS))})")
