@@ -17,6 +17,7 @@ directory is replaced only with `overwrite=True`, and only when it is itself an 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -62,22 +63,25 @@ def _check_out(out: Path, overwrite: bool, protect: Path | None = None) -> None:
             )
 
 
-def _tmp_dir(out: Path) -> Path:
+@contextlib.contextmanager
+def _written_whole(out: Path):
+    """Yield a temporary directory to fill; on success rename it to `out` (a replaced one is moved aside
+    first, then deleted), on any failure delete it, so `out` is never half-written."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place; a replaced one is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _dir_bytes(directory: Path) -> int:
@@ -229,8 +233,7 @@ def export_checkpoint(
         raise CptError(f"{out}: is the checkpoint being exported; choose another --out")
     _check_out(out, overwrite, protect=run_dir)
     t0 = time.perf_counter()
-    tmp = _tmp_dir(out)
-    try:
+    with _written_whole(out) as tmp:
         step = None
         if resumable:
             model, source, tokenizer, step = _model_from_state(run_dir, directory, log)
@@ -245,10 +248,6 @@ def export_checkpoint(
                     shutil.copy2(f, tmp / f.name)
         marker = {"run_dir": str(run_dir.resolve()), "checkpoint": directory.name, "step": step}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1))
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"export: wrote {out} ({_dir_bytes(out) / 2**20:.1f} MiB) from {directory} in {time.perf_counter() - t0:.1f}s")
     return out
 
@@ -335,14 +334,9 @@ def import_gguf(source: str | Path, out: str | Path, overwrite: bool = False, lo
     log(f"import: reading {path} ({path.stat().st_size / 2**20:.1f} MiB) and de-quantising to fp32")
     model, tokenizer = load_gguf(path)
     log(f"import: {type(model).__name__}, {count_parameters(model) / 1e6:.1f}M parameters, vocab {model.config.vocab_size}; saving")
-    tmp = _tmp_dir(out)
-    try:
+    with _written_whole(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         load_tokenizer(tmp)  # cpt must find an end-of-text token before this is worth a directory
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"import: wrote {out} ({_dir_bytes(out) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s; continue it with model.init: {out}")
     return out
