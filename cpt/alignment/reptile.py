@@ -73,9 +73,10 @@ class Reptile:
         self.meta_updates += 1
         return True
 
-    def state_dict(self) -> dict:
+    def state_dict(self, anchor: bool = True) -> dict:
+        """`anchor=False` leaves the anchor out (None), for callers that store it elsewhere (per-rank shards)."""
         return {
-            "anchor": [a.cpu() for a in self.anchor],
+            "anchor": [a.cpu() for a in self.anchor] if anchor else None,
             "steps_since_anchor": self.steps_since_anchor,
             "meta_updates": self.meta_updates,
             "k": self.k,

@@ -444,9 +444,8 @@ class Run:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        reptile = self.reptile.state_dict() if self.reptile else None
-        if self.fsdp and reptile is not None:
-            reptile["anchor"] = None  # each rank's anchor shard has its own file (save_resumable)
+        # under FSDP2 each rank's anchor shard has its own file (save_resumable)
+        reptile = self.reptile.state_dict(anchor=not self.fsdp) if self.reptile else None
         return {
             "step": self.step,
             # under FSDP2 model and optimizer shards are written by every rank through DCP (save_resumable)
