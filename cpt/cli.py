@@ -1,9 +1,15 @@
-"""Command line: thin wrappers over the Python API; user errors print one line and exit 2."""
+"""Command line: thin wrappers over the Python API; user errors print one line and exit 2.
+
+`cpt train` takes dotted KEY=VALUE overrides anywhere on its line, before or after the config and
+options (`cpt train run.yaml --out runs/a training.lr=1e-3`); they apply in the order typed. Any
+other leftover token is argparse's own "unrecognized arguments" error (exit 2), as for every command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +31,16 @@ examples:
 """
 
 
+# A dotted config key, then `=`: how an override looks on the `cpt train` line. The key has no `/`,
+# so a path that happens to contain `=` (runs/lr=1e-3.yaml) is not taken for one.
+OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
+
+
+def _is_override(token: str) -> bool:
+    # an existing file or directory wins: `lr=1e-3` may be the name of a config or of a run directory
+    return bool(OVERRIDE.match(token)) and not Path(token).exists()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cpt",
@@ -36,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train over the config's task sequence", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", help="run YAML (not needed with --resume)")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=3e-4 tasks.1.tokens=2e6")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=3e-4 tasks.1.tokens=2e6 (anywhere on the line)")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
     t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -94,19 +110,27 @@ def _cmd_train(args) -> int:
     from cpt.training.loop import ensure_threads, train
 
     ensure_threads()
+    # every positional token as typed: argparse puts the first one in `config` even when it is an override
+    tokens = ([args.config] if args.config else []) + args.overrides
     if args.resume is not None:
+        if args.resume and _is_override(args.resume):  # `--out D --resume k=v`: --resume's optional RUN_DIR took the override
+            tokens.insert(0, args.resume)
+            args.resume = ""
         run_dir = args.resume or args.out
         if not run_dir:
             raise CptError("--resume needs a run directory: cpt train --resume RUN_DIR")
-        overrides = ([args.config] if args.config else []) + args.overrides
-        if overrides:
+        if tokens:
             raise CptError("--resume continues the run with its saved config; overrides are not allowed")
         summary = train(None, run_dir, resume=True)
     else:
-        if not args.config:
+        # the config is the first token that is not an override (`cpt train k=v run.yaml` too); the rest are
+        # overrides in order, and a stray non-override among them fails in load_config naming it
+        config = next((t for t in tokens if not _is_override(t)), None)
+        if config is None:
             raise CptError("cpt train: a config file is required (or --resume RUN_DIR)")
-        out = args.out or str(Path("runs") / Path(args.config).stem)
-        summary = train(args.config, out, overrides=args.overrides, overwrite=args.overwrite)
+        tokens.remove(config)
+        out = args.out or str(Path("runs") / Path(config).stem)
+        summary = train(config, out, overrides=tokens, overwrite=args.overwrite)
         run_dir = out
     print(json.dumps({k: summary[k] for k in ("loss_matrix", "forgetting_score", "learned_loss", "avg_final_loss")}, indent=1))
     print(f"summary: {Path(run_dir) / 'summary.json'}")
@@ -181,7 +205,16 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # argparse fills positionals from their first run on the line only, so an override typed after
+    # --out comes back as an unknown token (and parse_intermixed_args does not support subparsers):
+    # take the leftovers that look like overrides as train's, and refuse the rest as parse_args does.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [t for t in extra if _is_override(t)]
+        extra = [t for t in extra if not _is_override(t)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             return _cmd_train(args)
