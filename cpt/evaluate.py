@@ -71,14 +71,109 @@ def summarize(L: list[list[float]]) -> dict:
     }
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
-    """The fixed held-out set: the first non-overlapping windows of the validation tokens."""
-    n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
+def eval_window_starts(n_tokens: int, seq_len: int, max_tokens: int) -> np.ndarray:
+    """Start positions (int64, increasing) of the held-out windows in a split of `n_tokens` tokens.
+
+    With m = (n_tokens − 1) // seq_len non-overlapping windows of seq_len + 1 tokens available
+    (window k is tokens[k·seq_len : k·seq_len + seq_len + 1]; neighbours share one boundary token,
+    their targets never overlap) and n = min(m, max(1, max_tokens // seq_len)) wanted, window i of n
+    is window k_i = ⌊i·(m − 1) / (n − 1)⌋ (k_0 = 0 for n = 1): evenly spaced from the first to the
+    last available window, so n = m gives every window. A pure function of its arguments: no seed,
+    the same set at every evaluation. A split shorter than one window (m = 0) gets one window at 0.
+    """
+    m = max(0, (n_tokens - 1) // seq_len)
+    n = min(m, max(1, max_tokens // seq_len))
     if n < 1:
+        return np.zeros(1, dtype=np.int64)
+    if n == m:
+        k = np.arange(m, dtype=np.int64)
+    elif n == 1:
+        k = np.zeros(1, dtype=np.int64)
+    else:
+        # ⌊i·(m−1)/(n−1)⌋ = i·q + ⌊i·r/(n−1)⌋ with (q, r) = divmod(m−1, n−1): no int64 overflow
+        q, r = divmod(m - 1, n - 1)
+        i = np.arange(n, dtype=np.int64)
+        k = i * q + (i * r) // (n - 1)
+    return k * seq_len
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
+    """The fixed held-out set: int64 array [n, seq_len + 1] of windows spread over the whole split.
+
+    The windows start at `eval_window_starts(len(tokens), seq_len, max_tokens)` (evenly spaced from
+    the first token to the end, so an ordered corpus is evaluated throughout, not just its start).
+    A split shorter than one window gives one shorter window: [1, len(tokens)]. Only the windows'
+    tokens are read, so `tokens` can be a large memory map.
+    """
+    tokens = np.asarray(tokens)
+    if (len(tokens) - 1) // seq_len < 1:
         # short validation splits still get one (shorter) window
-        return np.asarray(tokens, dtype=np.int64)[None, :]
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return np.asarray(tokens[: n * seq_len + 1], dtype=np.int64)[idx]
+        return tokens.astype(np.int64)[None, :]
+    starts = eval_window_starts(len(tokens), seq_len, max_tokens)
+    idx = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
+    return tokens[idx].astype(np.int64)
+
+
+def heldout_coverage(tokens: np.ndarray, seq_len: int, max_tokens: int, eos_id: int, chunk: int = 1 << 24) -> dict:
+    """What the held-out set `eval_windows(tokens, seq_len, max_tokens)` covers of its split.
+
+    The split holds N = len(tokens) tokens in documents that each end with `eos_id`; a trailing run
+    of tokens without a final EOS counts as one more document. Position p belongs to document
+    d(p) = #{EOS at positions < p} (an EOS belongs to the document it ends). With the window starts
+    s_i of `eval_window_starts` and ℓ = seq_len (ℓ = N − 1 for a split shorter than one window), window
+    i evaluates (predicts) the targets at positions s_i + 1 … s_i + ℓ and reads s_i … s_i + ℓ.
+
+    - documents          = #EOS + (1 if the last token is not EOS)
+    - tokens             = N
+    - windows            = n; windows_available = m (see eval_window_starts)
+    - eval_tokens        = n · ℓ (targets scored per evaluation); token_fraction = eval_tokens / N
+    - documents_touched  = #distinct d(p) over all target positions p. Window i covers the documents
+      lo_i = d(s_i + 1) … hi_i = d(s_i + ℓ); windows are in order, so lo_{i+1} ≥ hi_i, and the count
+      is Σ (hi_i − lo_i + 1) − #{i : lo_{i+1} = hi_i}. document_fraction = documents_touched / documents
+    - span_first = s_0, span_last = s_{n−1} + ℓ (first and last position read);
+      span_start = span_first / N, span_end = (span_last + 1) / N (0 and 1: the whole split)
+
+    Cost: one vectorised pass over the split comparing `chunk` tokens at a time with `eos_id`
+    (memory O(chunk + documents)), then O(windows) work; the windows themselves are not built.
+    """
+    tokens = np.asarray(tokens)
+    N = len(tokens)
+    eos = np.concatenate([np.flatnonzero(tokens[a : a + chunk] == eos_id) + a for a in range(0, N, max(1, chunk))] or [np.zeros(0, np.int64)])
+    documents = len(eos) + int(N > 0 and int(tokens[-1]) != eos_id)
+    short = (N - 1) // seq_len < 1
+    starts = eval_window_starts(N, seq_len, max_tokens)
+    length = max(N - 1, 0) if short else seq_len
+    if length > 0:
+        lo = np.searchsorted(eos, starts + 1, side="left")
+        hi = np.searchsorted(eos, starts + length, side="left")
+        touched = int((hi - lo + 1).sum() - (lo[1:] == hi[:-1]).sum())
+    else:
+        touched = 0
+    first, last = int(starts[0]), int(starts[-1]) + length
+    eval_tokens = len(starts) * length
+    return {
+        "documents": documents,
+        "tokens": N,
+        "windows": len(starts),
+        "windows_available": max(0, (N - 1) // seq_len),
+        "eval_tokens": eval_tokens,
+        "token_fraction": eval_tokens / N if N else 0.0,
+        "documents_touched": touched,
+        "document_fraction": touched / documents if documents else 0.0,
+        "span_first": first,
+        "span_last": last,
+        "span_start": first / N if N else 0.0,
+        "span_end": (last + 1) / N if N else 0.0,
+    }
+
+
+def describe_coverage(cov: dict) -> str:
+    """One line for the training log, from `heldout_coverage`."""
+    return (
+        f"{cov['windows']}/{cov['windows_available']} windows, {cov['eval_tokens']:,} of {cov['tokens']:,} tokens "
+        f"({100 * cov['token_fraction']:.1f}%), {cov['documents_touched']}/{cov['documents']} documents "
+        f"({100 * cov['document_fraction']:.1f}%), positions {100 * cov['span_start']:.1f}%–{100 * cov['span_end']:.1f}% of the split"
+    )
 
 
 @torch.no_grad()

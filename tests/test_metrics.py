@@ -42,5 +42,5 @@ def test_eval_windows_are_fixed_and_non_overlapping():
     tokens = np.arange(1000, dtype=np.uint16)
     w = evaluate.eval_windows(tokens, seq_len=10, max_tokens=100)
     assert w.shape == (10, 11)
-    assert (w[1, 0] == 10) and (w[0, -1] == 10)
+    assert w[1, 0] == 100 and w[0, -1] == 10 and w[-1, -1] == 990  # spread over the split, not its first windows
     assert not math.isnan(float(w.sum()))
