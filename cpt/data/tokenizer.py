@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from cpt import atomic
 from cpt.errors import CptError
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
@@ -126,7 +127,6 @@ def train_or_load_bpe(key: str, texts: Iterator[str], vocab_size: int, min_frequ
     if not file.is_file():
         tok = train_bpe(texts, vocab_size, min_frequency)
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, file)
+        with atomic.written_file(file) as tmp:  # a concurrent run reads the old file or the whole new one
+            tok.save(str(tmp))
     return load_tokenizer(file)

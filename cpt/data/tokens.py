@@ -2,7 +2,8 @@
 
 Layout of one cache entry (`<cache>/tokens/<key>/`): `train.bin` and `val.bin` are flat arrays of
 token ids (uint16 when the vocabulary fits, else uint32) with the EOS id after every document,
-and `meta.json` records counts and dtype. The key hashes the source's bytes, the tokenizer and
+and `meta.json` records counts and dtype. An entry is written whole (`cpt.atomic.written_whole`): it
+is complete or absent, never a part. The key hashes the source's bytes, the tokenizer and
 the split settings, so a second run (or a second strategy over the same tasks) re-uses it.
 
 The validation split is fixed and made of whole documents: document i is held out when the
@@ -16,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpt import atomic
 from cpt.data.readers import ReadStats, content_fingerprint, detect_format, iter_documents
 from cpt.data.tokenizer import TextTokenizer
 from cpt.errors import CptError
@@ -117,48 +117,42 @@ def prepare_task(
     directory = cache / "tokens" / key
     if not (directory / "meta.json").is_file():
         dtype = token_dtype(tok.vocab_size)
-        tmp = cache / "tokens" / f".{key}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         t0 = time.perf_counter()
         stats = ReadStats()
         counts = {}
         val_stats = ReadStats()
-        counts["train"] = _write_tokens(
-            split_documents(iter_documents(path, fmt, text_field, stats), val_fraction, "train"), tok, tmp / "train.bin", dtype
-        )
-        counts["val"] = _write_tokens(
-            split_documents(iter_documents(path, fmt, text_field, val_stats), val_fraction, "val"), tok, tmp / "val.bin", dtype
-        )
-        seconds = time.perf_counter() - t0
-        if stats.documents == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CptError(f"{path}: no documents (empty file, or every document skipped) for task {name!r}")
-        if counts["val"] == 0 or counts["train"] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CptError(
-                f"{path}: {stats.documents} document(s) are too few to hold out a validation split "
-                f"(tasks.N.val_fraction={val_fraction}); add documents or raise val_fraction"
+        # written whole (a failure or a kill leaves no entry); replace=False: when another process
+        # finished the same entry first, its entry is kept and ours discarded
+        with atomic.written_whole(directory, replace=False) as tmp:
+            counts["train"] = _write_tokens(
+                split_documents(iter_documents(path, fmt, text_field, stats), val_fraction, "train"), tok, tmp / "train.bin", dtype
             )
-        meta = {
-            "source": str(path),
-            "documents": stats.documents,
-            "skipped_non_utf8": stats.skipped_non_utf8,
-            "bytes": stats.bytes,
-            "train_tokens": counts["train"],
-            "val_tokens": counts["val"],
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "tokenizer": tok.fingerprint,
-            "val_fraction": val_fraction,
-            "seconds": round(seconds, 3),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process finished the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
+            counts["val"] = _write_tokens(
+                split_documents(iter_documents(path, fmt, text_field, val_stats), val_fraction, "val"), tok, tmp / "val.bin", dtype
+            )
+            seconds = time.perf_counter() - t0
+            if stats.documents == 0:
+                raise CptError(f"{path}: no documents (empty file, or every document skipped) for task {name!r}")
+            if counts["val"] == 0 or counts["train"] == 0:
+                raise CptError(
+                    f"{path}: {stats.documents} document(s) are too few to hold out a validation split "
+                    f"(tasks.N.val_fraction={val_fraction}); add documents or raise val_fraction"
+                )
+            meta = {
+                "source": str(path),
+                "documents": stats.documents,
+                "skipped_non_utf8": stats.skipped_non_utf8,
+                "bytes": stats.bytes,
+                "train_tokens": counts["train"],
+                "val_tokens": counts["val"],
+                "dtype": dtype.name,
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "tokenizer": tok.fingerprint,
+                "val_fraction": val_fraction,
+                "seconds": round(seconds, 3),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         mbs = stats.bytes / 1e6 / max(seconds, 1e-9)
         skipped = f", skipped {stats.skipped_non_utf8} non-UTF-8 document(s)" if stats.skipped_non_utf8 else ""
         log(

@@ -20,12 +20,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cpt import atomic
 from cpt.downstream import cloze
 from cpt.errors import CptError
 
@@ -169,9 +169,7 @@ def write_summary(run_dir: Path, downstream: dict) -> Path:
     for checkpoint, scores in downstream.items():
         merged.setdefault(checkpoint, {}).update(scores)
     summary["downstream"] = merged
-    tmp = file.with_name(f".summary.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    os.replace(tmp, file)
+    atomic.write_json(file, summary, indent=2)  # a crash mid-write leaves the previous summary.json
     return file
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
+from cpt import atomic
 from cpt.data.readers import content_fingerprint, iter_documents
 from cpt.data.tokens import split_documents
 from cpt.errors import CptError
@@ -130,22 +130,16 @@ def write_task(lang: str, cache: Path, max_examples: int = MAX_EXAMPLES) -> Path
     if yaml_file.is_file():
         return directory
     examples = build_examples(lang, source, max_examples)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     data = directory / "test.jsonl"
-    (tmp / "test.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
-    # the final paths are written into the YAML: lm-eval reads them after the rename below
-    task = {
-        "include": str(TEMPLATE),
-        "task": f"{PREFIX}{lang}",
-        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(directory / "hf-datasets")},
-        "target_delimiter": "" if lang in CHAR_UNITS else " ",
-    }
-    (tmp / yaml_file.name).write_text(json.dumps(task, indent=1, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
-    try:
-        os.replace(tmp, directory)
-    except OSError:  # another process wrote the same entry first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # written whole; replace=False: another process that wrote the same entry first wins (same content)
+    with atomic.written_whole(directory, replace=False) as tmp:
+        (tmp / "test.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+        # the final paths are written into the YAML: lm-eval reads them after the rename
+        task = {
+            "include": str(TEMPLATE),
+            "task": f"{PREFIX}{lang}",
+            "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(directory / "hf-datasets")},
+            "target_delimiter": "" if lang in CHAR_UNITS else " ",
+        }
+        (tmp / yaml_file.name).write_text(json.dumps(task, indent=1, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
     return directory

@@ -72,6 +72,27 @@ class StepPlan:
         return len(self.task_of_step)
 
 
+def replay_shortfall(plan: StepPlan, new_rows: int, replay_rows: int, task: int, rate: float) -> str | None:
+    """A warning when task `task` replayed less than planned: its realised fraction is below α by more
+    than 1/(B·S) (B rows per step, S steps), the rounding the exact plan allows. None otherwise.
+
+    It happens when the buffer held no eligible rows for some steps (nothing stored yet, or every
+    earlier row evicted); those rows were then new ones, so the batch kept its size.
+    """
+    start = plan.task_ends[task - 1] if task else 0
+    steps = plan.task_ends[task] - start
+    planned = sum(plan.replay_rows[start : plan.task_ends[task]])
+    if planned == 0 or new_rows + replay_rows == 0:
+        return None
+    realised = replay_rows / (new_rows + replay_rows)
+    if realised >= rate - 1 / (plan.rows_per_step * steps):
+        return None
+    return (
+        f"replay fraction {realised:.3f} below replay.rate {rate:g} ({replay_rows} of {planned} planned rows replayed in "
+        f"{steps} steps): the buffer held no eligible rows for some steps, which trained on new rows instead"
+    )
+
+
 @dataclass
 class ReplayStats:
     new_rows: list[int] = field(default_factory=list)  # per task
@@ -184,23 +205,37 @@ class MixedBatchSource:
         self._new_rows = None
         self._draw(step + self.LOOKAHEAD)
 
+    def skip_step(self, step: int, n_new: int, n_replay: int) -> None:
+        """The step's batch was not trained on (NaN/Inf loss): its rows are neither stored nor counted."""
+        self.stats.new_rows[self._task] -= n_new
+        self.stats.replay_rows[self._task] -= n_replay
+        self._new_rows = None
+        self._draw(step + self.LOOKAHEAD)
+
     def state_dict(self) -> dict:
+        """Tensors and plain Python values only (no numpy objects): a checkpoint is read back with
+        `torch.load(weights_only=True)`, which refuses anything else."""
         for step in list(self.pending):  # finish outstanding reads: the checkpoint holds rows
             self.ready[step] = self._collect(step)
         return {
             "streams": [s.state_dict() for s in self.streams],
-            "ready": {int(k): v for k, v in self.ready.items()},
-            "stats": {"new_rows": self.stats.new_rows, "replay_rows": self.stats.replay_rows},
+            # drawn rows as int64 tensors (a copy: the checkpoint must not alias rows still to be trained)
+            "ready": {int(k): torch.tensor(np.asarray(v, dtype=np.int64)) for k, v in self.ready.items()},
+            "stats": {"new_rows": [int(n) for n in self.stats.new_rows], "replay_rows": [int(n) for n in self.stats.replay_rows]},
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
-            "wait_seconds": self.wait_seconds,
+            "wait_seconds": float(self.wait_seconds),
         }
 
     def load_state_dict(self, state: dict) -> None:
         for s, st in zip(self.streams, state["streams"]):
             s.load_state_dict(st)
-        self.stats = ReplayStats(list(state["stats"]["new_rows"]), list(state["stats"]["replay_rows"]))
+        self.stats = ReplayStats([int(n) for n in state["stats"]["new_rows"]], [int(n) for n in state["stats"]["replay_rows"]])
         self.wait_seconds = float(state.get("wait_seconds", 0.0))
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
         self.pending = {}
-        self.ready = {int(k): np.asarray(v, dtype=np.int64) for k, v in state["ready"].items()}
+        # tensors since checkpoints load with weights_only=True; numpy arrays in checkpoints written before
+        self.ready = {
+            int(k): (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.int64, copy=True)
+            for k, v in state["ready"].items()
+        }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt import atomic
 from cpt.errors import CptError
 from cpt.report import plots
 from cpt.report.render import (
@@ -481,8 +482,9 @@ def write_report(
                 )
             )
 
-    (out / "report.md").write_text(to_markdown(title, blocks), encoding="utf-8")
-    (out / "report.html").write_text(to_html(title, blocks, out), encoding="utf-8")
+    # whole or not at all: a report open in a browser or being re-generated is never read half-written
+    atomic.write_text(out / "report.md", to_markdown(title, blocks))
+    atomic.write_text(out / "report.html", to_html(title, blocks, out))
     return {
         "report.md": out / "report.md",
         "report.html": out / "report.html",

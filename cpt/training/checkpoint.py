@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from cpt import atomic
 from cpt.errors import CptError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -47,22 +48,15 @@ def save_checkpoint(root: Path, step: int, state: dict, keep: int, staged: Path 
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = staged if staged is not None else root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if staged is None:
-        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(exist_ok=staged is not None)
-        torch.save(state, tmp / "state.pt")
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        with open(tmp / "manifest.json", "rb") as fh:
-            os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # filled under a hidden temporary name (or the ranks' staging directory), every file fsync'ed,
+        # then renamed: `final` is the whole checkpoint or the previous one of that step, never a part
+        with atomic.written_whole(final, tmp=staged) as tmp:
+            torch.save(state, tmp / "state.pt")
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # inside the temporary: renamed with it
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
         free = shutil.disk_usage(root).free
         raise CptError(
@@ -97,12 +91,54 @@ def verify(directory: Path) -> str | None:
     return None
 
 
+def _legacy_numpy_globals() -> list:
+    """What an int64 numpy array needs to unpickle: the `ready` replay rows of checkpoints written before
+    they were stored as tensors. Only the int64 dtype's state is accepted, so no other numpy object loads."""
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return [
+        (reconstruct, "numpy._core.multiarray._reconstruct"),  # written with numpy 2
+        (reconstruct, "numpy.core.multiarray._reconstruct"),  # written with numpy 1
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.int64)),  # numpy.dtypes.Int64DType: BUILD of any other dtype is refused
+    ]
+
+
+def _load_problem(err: Exception) -> str:
+    """One line out of torch.load's several: what the weights-only unpickler refused, or the first line."""
+    text = str(err)
+    why = "(cpt loads checkpoints with torch.load(weights_only=True), so a checkpoint cannot run code)"
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"refused: it holds a pickled {m.group(1)}, not only tensors and plain Python values {why}"
+    if "WeightsUnpickler error:" in text:  # torch's detail may be on the lines after the colon
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
+        detail = next((line for line in rest if line), "an object that is not a tensor or a plain Python value")
+        return f"refused: {detail} {why}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"cannot be read: {lines[0] if lines else type(err).__name__}"
+
+
+def load_state(path: Path, mmap: bool = False):
+    """`torch.load(path, weights_only=True)` on CPU: tensors and plain Python values only, so a state file
+    from an untrusted run directory cannot run code. Anything else is a one-line CptError naming the file."""
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # UnpicklingError, RuntimeError (not a zip), OSError, ...: the file is the problem
+        raise CptError(f"{path}: {_load_problem(err)}") from None
+
+
 def load_latest(root: Path, log=print) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies; bad ones are reported in one line each and skipped."""
+    """The newest checkpoint that verifies and loads safely; bad ones are reported in one line each and skipped."""
     for directory in reversed(list_checkpoints(root)):
         problem = verify(directory)
         if problem:
             log(f"warning: skipping checkpoint {directory}: {problem}")
             continue
-        return directory, torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+        try:
+            return directory, load_state(directory / "state.pt")
+        except CptError as err:
+            log(f"warning: skipping checkpoint {directory}: {err}")
     return None
