@@ -38,9 +38,9 @@ How it measures (why these choices):
   from the `meta_update` lines). Where k had to shrink, the measured overhead is an upper bound
   for the larger k (more meta-updates per step than asked for).
 - **Replay from the first timed step.** A short run of the `tiny` preset on the French handbook
-  fills a replay buffer (`replay.buffer.dir`) first; each replay variant gets a copy of it, so its
-  one task (English) replays α of every batch from step 0 — the documented way to continue a
-  sequence with a kept buffer. A single task means no task switch inside the measurement.
+  fills a replay buffer (`replay.buffer.dir`) first; each replay variant starts from a copy of it
+  (`replay.buffer.init`), so its one task (English) replays α of every batch from step 0 — the
+  documented way to continue a sequence with a kept buffer. A single task means no task switch inside the measurement.
 - **One process per variant, stopped after the window.** Each variant runs in a child process
   (forked when CUDA is not initialised here, so no re-import; else spawned); once the train line
   of the last timed step is written the child is killed. Its task budget is a few steps longer
@@ -338,13 +338,13 @@ def base_config(name: str, preset: str, task: str, tokens: int, plan: Plan, devi
     }
 
 
-def variant_config(variant: str, plan: Plan, device: str, compile_: bool, checkpointing: bool, buffer_dir: Path | None) -> dict:
+def variant_config(variant: str, plan: Plan, device: str, compile_: bool, checkpointing: bool, buffer_src: Path | None) -> dict:
     total = plan.warmup + plan.steps + BUDGET_MARGIN_STEPS
     cfg = base_config(
         f"{plan.preset}-{variant}", plan.preset, TIMED_TASK, total * plan.tokens_per_step, plan, device, compile_, checkpointing
     )
     if "replay" in variant:
-        cfg["replay"] = {"rate": REPLAY_RATE, "buffer": {"dir": str(buffer_dir)}}
+        cfg["replay"] = {"rate": REPLAY_RATE, "buffer": {"init": str(buffer_src)}}
     if "reptile" in variant:
         cfg["alignment"] = {"method": "reptile", "k": plan.k, "beta": REPTILE_BETA}
     return cfg
@@ -595,11 +595,7 @@ def _main(args) -> int:
             i += 1
             run_dir = work / "runs" / plan.preset / variant
             run_dir.parent.mkdir(parents=True, exist_ok=True)
-            buffer_dir = None
-            if "replay" in variant:
-                buffer_dir = work / "runs" / plan.preset / f"{variant}-buffer"
-                shutil.copytree(buffer_src, buffer_dir)
-            cfg = variant_config(variant, plan, args.device, args.compile, args.activation_checkpointing, buffer_dir)
+            cfg = variant_config(variant, plan, args.device, args.compile, args.activation_checkpointing, buffer_src)
             _validate(cfg)
             log = work / "logs" / f"{plan.preset}-{variant}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -625,15 +621,13 @@ def _main(args) -> int:
                 steady_state(lines, plan, variant, res)
             if res.tokens_per_second and peak:
                 res.mfu = mfu(plan.shape, plan.seq_len, res.tokens_per_second, peak)
-            if "replay" in variant and res.status == "ok" and "reusing the buffer" not in log.read_text(errors="replace"):
+            if "replay" in variant and res.status == "ok" and "(replay.buffer.init)" not in log.read_text(errors="replace"):
                 print(f"  warning: {log} does not show the prefilled replay buffer being reused", file=sys.stderr)
             results.append(res)
             _progress(i, n_total, res)
             if res.status != "ok":
                 print(f"  {res.preset} {res.variant}: {res.status}; last lines of {log}:\n{_log_tail(log)}", file=sys.stderr)
             shutil.rmtree(run_dir / "replay", ignore_errors=True)
-            if buffer_dir is not None:
-                shutil.rmtree(buffer_dir, ignore_errors=True)
 
     for r in results:
         plain = next((x for x in results if x.preset == r.preset and x.variant == "plain"), None)

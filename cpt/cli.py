@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from cpt import atomic
 from cpt.errors import CptError
 
 EXAMPLES = """\
@@ -148,7 +149,7 @@ def _cmd_eval(args) -> int:
     for name, value in losses.items():
         print(f"{name}\t{value:.4f}")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
-    out.write_text(json.dumps(losses, indent=1))
+    atomic.write_json(out, losses, indent=1)
     print(f"written: {out}")
     return 0
 

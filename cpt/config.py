@@ -139,6 +139,8 @@ class ScheduleConfig(Section):
     def _phases_fit(self) -> ScheduleConfig:
         if self.name == "infinite" and self.warmup + self.cooldown + self.anneal >= 1:
             raise ValueError("schedule.warmup + schedule.cooldown + schedule.anneal must be < 1")
+        if self.name == "wsd" and self.warmup + self.decay > 1:
+            raise ValueError("schedule.warmup + schedule.decay must be <= 1")
         return self
 
 
@@ -148,7 +150,18 @@ class BufferConfig(Section):
     policy: Literal["reservoir", "balanced", "fifo"] = Field(
         "reservoir", description="`reservoir`: uniform over all seen (Algorithm R). `balanced`: equal share per task. `fifo`: newest kept."
     )
-    dir: str | None = Field(None, description="Keep the buffer here (reusable by a later run); default: inside the run directory.")
+    dir: str | None = Field(
+        None,
+        description="Where this run keeps its buffer (default: `<run>/replay`). The buffer records the run that owns it: "
+        "another run may not write into it (start from a copy with `init` instead), `--overwrite` and a restart from "
+        "scratch clear it. A sweep gives each run its own `<dir>/<run name>`.",
+    )
+    init: str | None = Field(
+        None,
+        description="A buffer kept by an earlier run (its `replay.buffer.dir`, or `<run>/replay`) to start from: its rows "
+        "are copied into this run's buffer (the source is only read) and replayed as earlier tasks, whose ids come "
+        "before this run's, so the first task replays too. Needs the same world size, row length and buffer settings.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -172,12 +185,29 @@ class ReplayConfig(Section):
     prefetch: bool = Field(True, description="Read replay rows in a background thread ahead of the step.")
     buffer: BufferConfig = Field(default_factory=BufferConfig)
 
+    @model_validator(mode="after")
+    def _fifo_keeps_earlier_tasks(self) -> ReplayConfig:
+        b = self.buffer
+        if self.rate > 0 and b.policy == "fifo" and b.capacity != "all" and not self.include_current:
+            # the current task's rows would evict every earlier row, and then nothing is left to replay
+            raise ValueError(
+                "replay.buffer.policy: fifo with a finite capacity and include_current: false stops replaying once the "
+                "current task's rows have evicted the earlier tasks'; use reservoir or balanced, capacity: all, or include_current: true"
+            )
+        return self
+
 
 class AlignmentConfig(Section):
     method: Literal["none", "reptile"] = Field("none", description="`reptile`: Reptile meta-updates (efficient MER when combined with replay).")
     k: Count = Field(500, gt=0, description="Optimizer steps between meta-updates (500 as in the paper's public code; short runs want less).")
     beta: Real = Field(
         0.7, gt=0, le=1, description="Meta step size: θ ← θ₀ + β·(θ − θ₀). β = 1 is plain training (0.7: see docs/alignment.md)."
+    )
+    task_end_update: bool = Field(
+        True,
+        description="Also meta-update at every task end (so at the end of the run too) when fewer than k steps passed since the "
+        "last one: every loss-matrix row and task checkpoint holds interpolated weights, and k counts from each task's start. "
+        "false: k counts globally across task boundaries (the paper's public code).",
     )
     anchor_device: Literal["same", "cpu"] = Field("same", description="Where the fp32 anchor θ₀ lives; `cpu` saves accelerator memory.")
     probe_every: Count = Field(0, ge=0, description="Measure gradient cosine between the current task and earlier tasks every N steps (0: off).")
@@ -274,7 +304,7 @@ def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
-    """Make task paths, tokenizer path, model.init and buffer dir absolute relative to the config file."""
+    """Make task paths, tokenizer path, model.init and the buffer dir / init absolute relative to the config file."""
 
     def fix(p: Any) -> Any:
         if isinstance(p, str) and p and not Path(p).is_absolute():
@@ -291,8 +321,10 @@ def resolve_paths(data: dict, base: Path) -> dict:
         elif isinstance(data.get(section), dict) and key in data[section]:
             data[section][key] = fix(data[section][key])
     buf = (data.get("replay") or {}).get("buffer") if isinstance(data.get("replay"), dict) else None
-    if isinstance(buf, dict) and "dir" in buf:
-        buf["dir"] = fix(buf["dir"])
+    if isinstance(buf, dict):
+        for key in ("dir", "init"):
+            if key in buf:
+                buf[key] = fix(buf[key])
     return data
 
 

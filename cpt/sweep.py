@@ -12,7 +12,9 @@ A sweep file names a base run config and a grid of dotted keys, one run per comb
       replay.rate: [0.0, 0.25]
       seed: [0, 1]
 
-Every run is a normal run directory `OUT/runs/<name>` named from its grid values. Calling the
+Every run is a normal run directory `OUT/runs/<name>` named from its grid values, with its own
+replay buffer: a `replay.buffer.dir` of the base config becomes `<dir>/<name>` for each run (runs
+that should start from the same kept buffer set `replay.buffer.init`, which each run copies). Calling the
 sweep again skips finished runs, resumes interrupted ones (from their latest checkpoint) and
 refuses a run directory whose saved config differs from the sweep's (pass --overwrite). After
 the runs, `OUT/sweep.csv` and `OUT/sweep.md` hold one row per run, and `OUT/scaling/` the scaling
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt import atomic
 from cpt.config import RunConfig, apply_override, dump_config, parse_override, read_yaml_mapping, resolve_paths, validate
 from cpt.errors import CptError
 
@@ -106,6 +109,11 @@ def load_sweep(path: str | Path) -> Sweep:
             apply_override(cfg, *_parsed(key, value))
         name = "_".join(_label(k, v) for k, v in values.items())
         cfg["name"] = name
+        buffer = (cfg.get("replay") or {}).get("buffer") if isinstance(cfg.get("replay"), dict) else None
+        if isinstance(buffer, dict) and buffer.get("dir"):
+            # one buffer per run: a shared one would hand each run the rows of the runs before it
+            # (to start every run from the same kept rows, set replay.buffer.init: they are copied)
+            buffer["dir"] = str(Path(buffer["dir"]) / name)
         runs.append(SweepRun(name, values, validate(cfg, f"{path} (run {name})")))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -138,7 +146,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool =
             print(f"{r.name}\t{state}")
         return []
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(sweep.path.read_text(encoding="utf-8"), encoding="utf-8")
+    atomic.write_text(out / "sweep.yaml", sweep.path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
     failed = []
     for i, r in enumerate(sweep.runs, 1):
@@ -248,5 +256,5 @@ def write_tables(rows: list[dict], out: Path, grid: dict) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    (out / "sweep.csv").write_text(buf.getvalue(), encoding="utf-8")
-    (out / "sweep.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    atomic.write_text(out / "sweep.csv", buf.getvalue())
+    atomic.write_text(out / "sweep.md", markdown_table(rows) + "\n")

@@ -124,7 +124,9 @@ def mer_run(tmp_path_factory, small_texts):
 
 def test_run_reports_meta_updates_and_probe(mer_run):
     out, s = mer_run
-    assert s["meta_updates"] == s["steps"] // 7
+    # k counts from each task's start, and every task end meta-updates too (alignment.task_end_update)
+    lengths = [b - a for a, b in zip([0] + s["task_boundaries"][:-1], s["task_boundaries"])]
+    assert s["meta_updates"] == sum(n // 7 + (n % 7 > 0) for n in lengths)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(x["type"] == "meta_update" for x in lines) == s["meta_updates"]
     probes = [x for x in lines if x["type"] == "probe"]

@@ -69,7 +69,7 @@ def test_smoke_prints_mfu_for_all_four_variants(tmp_path):
         assert r["meta_updates_in_window"] == (1 if "reptile" in r["variant"] else 0)
     # the replay variants replayed from the prefilled buffer
     for variant in ("replay", "replay+reptile"):
-        assert "reusing the buffer" in (tmp_path / "work" / "logs" / f"tiny-{variant}.log").read_text()
+        assert "(replay.buffer.init)" in (tmp_path / "work" / "logs" / f"tiny-{variant}.log").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message; this machine has CUDA")

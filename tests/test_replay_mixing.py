@@ -83,13 +83,15 @@ def test_run_reports_the_realised_replay_fraction(small_texts, tmp_path):
 
 
 def test_a_kept_buffer_is_replayed_by_a_later_run(small_texts, tmp_path):
-    """Continue a finished sequence with a new task: the new run replays the old run's tasks."""
+    """Continue a finished sequence with a new task: the new run replays a copy of the old run's tasks."""
     buf = tmp_path / "kept-buffer"
     first = tiny_config(small_texts, replay={"rate": 0.25, "buffer": {"dir": str(buf)}}, checkpoint={"task_ends": False})
     cpt.train(validate(first), tmp_path / "first")
-    second = tiny_config(small_texts, replay={"rate": 0.25, "buffer": {"dir": str(buf)}}, checkpoint={"task_ends": False})
+    before = {p.name: p.read_bytes() for p in buf.iterdir()}
+    second = tiny_config(small_texts, replay={"rate": 0.25, "buffer": {"init": str(buf)}}, checkpoint={"task_ends": False})
     second["tasks"] = [{"name": "de", "path": str(small_texts["de"]), "tokens": 12_000}]
     s = cpt.train(validate(second), tmp_path / "second")
     assert s["replay_task_offset"] == 2 and s["replay_fraction"] == [pytest.approx(0.25, abs=0.02)]
-    meta = json.loads((buf / "shard-000.meta.json").read_text())
+    meta = json.loads((tmp_path / "second" / "replay" / "shard-000.meta.json").read_text())
     assert sorted(t for t, _ in meta["seen"]) == [0, 1, 2]  # en, fr from the first run; de as task 2
+    assert {p.name: p.read_bytes() for p in buf.iterdir()} == before  # the kept buffer was only read

@@ -2,7 +2,10 @@
 
 Convention (the one this code implements; β is the *meta step size*):
     every k optimizer steps:  θ ← θ₀ + β·(θ − θ₀);  θ₀ ← θ
-where θ₀ (the anchor) is the weights at the previous meta-update. β = 1 keeps the k inner steps
+where θ₀ (the anchor) is the weights at the previous meta-update. By default (alignment.task_end_update)
+the loop also meta-updates at every task end, so each row of the loss matrix and each task checkpoint
+holds interpolated weights and k counts from each task's start; with it off k counts globally across
+task boundaries, as the paper's public code does. β = 1 keeps the k inner steps
 whole (plain training); smaller β moves only part of the way, which (Nichol et al. 2018; Riemer
 et al. 2019) favours directions whose gradients agree across the batches of the k steps, i.e.
 across old (replayed) and new data when combined with replay. The paper's "interpolation
@@ -56,12 +59,17 @@ class Reptile:
     def anchor_bytes(self) -> int:
         return sum(a.numel() * a.element_size() for a in self.anchor)
 
-    @torch.no_grad()
     def after_step(self) -> bool:
         """Call after each optimizer step; returns True when a meta-update happened."""
         self.steps_since_anchor += 1
         if self.steps_since_anchor < self.k:
             return False
+        self.meta_update()
+        return True
+
+    @torch.no_grad()
+    def meta_update(self) -> None:
+        """θ ← θ₀ + β·(θ − θ₀); θ₀ ← θ now, whatever the count (the loop calls it at task ends too)."""
         for p, a in zip(self.params, self.anchor):
             w = _local(p.detach())
             if self.beta != 1.0:  # β = 1 must be plain training bit for bit: leave θ alone
@@ -71,7 +79,6 @@ class Reptile:
             a.copy_(w, non_blocking=True)
         self.steps_since_anchor = 0
         self.meta_updates += 1
-        return True
 
     def state_dict(self, anchor: bool = True) -> dict:
         """`anchor=False` leaves the anchor out (None), for callers that store it elsewhere (per-rank shards)."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import weakref
 from collections.abc import Collection
@@ -46,6 +47,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cpt import atomic
 from cpt.errors import CptError
 
 POLICIES = ("reservoir", "balanced", "fifo")
@@ -101,7 +103,7 @@ class ReplayBuffer:
 
     def __init__(self, directory: Path, row_len: int, capacity_rows: int | None,
                  policy: str = "reservoir", dtype: Any = np.uint16, seed: int = 0,
-                 shard: int = 0, *, overwrite: bool = False) -> None:
+                 shard: int = 0, *, overwrite: bool = False, owner: dict | None = None) -> None:
         dt = np.dtype(dtype)
         if dt.name not in _DTYPES:
             raise CptError(f"replay buffer: dtype must be uint16 or uint32, got {dt.name}")
@@ -111,6 +113,7 @@ class ReplayBuffer:
             raise CptError(f"replay buffer: need row_len >= 1 and capacity_rows >= 1 or None, "
                            f"got {row_len}, {capacity_rows}")
         self._configure(Path(directory), shard, row_len, capacity_rows, policy, dt, seed)
+        self.owner = owner
         if self._tokens_path.exists() and not overwrite:
             raise CptError(f"{self._tokens_path}: a replay buffer already exists there; reuse it "
                            f"with ReplayBuffer.open or delete it")
@@ -175,6 +178,7 @@ class ReplayBuffer:
         self = cls.__new__(cls)
         self._configure(Path(directory), shard, meta["row_len"], meta["capacity_rows"],
                         meta["policy"], _DTYPES[meta["dtype"]], meta["seed"])
+        self.owner = meta.get("owner")
         itemsize = self.dtype.itemsize * self.row_len
         size = self._tokens_path.stat().st_size if self._tokens_path.exists() else -1
         if size <= 0 or size % itemsize or size // itemsize < (self._capacity or 0):
@@ -562,11 +566,8 @@ class ReplayBuffer:
             self._journal.close()
             self._journal = None
         path = self._journal_path(mark)
-        tmp = path.with_suffix(".bin.tmp")
         head = np.array([mark, self._fill, self.row_len, self.dtype.itemsize], dtype="<i8")
-        with open(tmp, "wb") as f:
-            f.write(_UNDO_MAGIC + head.tobytes())
-        os.replace(tmp, path)
+        atomic.write_bytes(path, _UNDO_MAGIC + head.tobytes())
         self._journal = open(path, "ab")  # kept open for the epoch
 
     def _read_journal(self, mark: int, where: str) -> np.ndarray:
@@ -595,11 +596,14 @@ class ReplayBuffer:
             if p.name not in keep:
                 p.unlink(missing_ok=True)
 
+    def set_owner(self, owner: dict | None) -> None:
+        """Record which run writes this buffer (kept in the metadata file, see `peek`)."""
+        self.owner = owner
+        self.flush()
+
     def _write_meta(self, state: dict[str, Any]) -> None:
-        meta = {**state, "journals": list(self._marks)}
-        tmp = self._meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self._meta_path)
+        meta = {**state, "journals": list(self._marks), "owner": self.owner}
+        atomic.write_json(self._meta_path, meta, indent=None)
         self._meta_mark = int(state["mark"])
 
     def flush(self, keep_journals: int = 3) -> None:
@@ -635,3 +639,87 @@ class ReplayBuffer:
     def __repr__(self) -> str:
         return (f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self._fill}/"
                 f"{self._capacity or 'all'}, tasks={self.counts_per_task()})")
+
+
+# -- a kept buffer seen from outside: which run owns it, what it holds; copies and removal ---------
+def _shard_meta_files(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("shard-[0-9][0-9][0-9].meta.json"))
+
+
+def peek(directory: str | Path) -> dict[str, Any] | None:
+    """What a buffer directory holds, read without changing anything; None when it holds no buffer.
+
+    Keys: shards (how many ranks wrote it), owner (the run that writes it, None for buffers written
+    before cpt recorded owners), row_len, dtype, policy, capacity_rows (per shard), fill (all
+    shards), rows_per_task {task id: rows stored}, tasks (the task ids ever offered, sorted).
+    """
+    files = _shard_meta_files(Path(directory))
+    if not files:
+        return None
+    metas = []
+    for f in files:
+        try:
+            metas.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            raise CptError(f"{f}: not a cpt replay buffer ({e})") from None
+    indices = [int(f.name[6:9]) for f in files]
+    if indices != list(range(len(files))):
+        raise CptError(f"{directory}: replay buffer shards {indices} are not 0..{len(files) - 1}; the buffer is incomplete")
+    rows: dict[int, int] = {}
+    tasks: set[int] = set()
+    for m in metas:
+        for t, slots in m.get("task_slots", []):
+            rows[int(t)] = rows.get(int(t), 0) + len(slots)
+        tasks.update(int(t) for t, _ in m.get("seen", []))
+    first = metas[0]
+    return {
+        "shards": len(metas),
+        "owner": first.get("owner"),
+        "row_len": first.get("row_len"),
+        "dtype": first.get("dtype"),
+        "policy": first.get("policy"),
+        "capacity_rows": [m.get("capacity_rows") for m in metas],
+        "fill": sum(int(m.get("fill", 0)) for m in metas),
+        "rows_per_task": dict(sorted(rows.items())),
+        "tasks": sorted(tasks),
+    }
+
+
+def remove_shard(directory: str | Path, shard: int) -> None:
+    """Delete one shard's files (rows, metadata, undo journals); a missing shard is fine."""
+    for p in Path(directory).glob(f"shard-{shard:03d}.*"):
+        p.unlink(missing_ok=True)
+
+
+def copy_shard(source: str | Path, directory: str | Path, shard: int) -> None:
+    """Copy one flushed shard of `source` into `directory` (which must not hold it); `source` is only read.
+
+    Only the stored rows [0, fill) are copied (the file keeps its length, sparse beyond them) plus
+    the undo journals the metadata lists, so `ReplayBuffer.open` of the copy sees exactly the
+    state the source's metadata describes.
+    """
+    source, directory = Path(source), Path(directory)
+    meta_file = source / f"shard-{shard:03d}.meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CptError(f"{meta_file}: cannot read replay buffer metadata ({e})") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = source / f"shard-{shard:03d}.tokens"
+    target = directory / tokens.name
+    size = tokens.stat().st_size
+    used = int(meta["fill"]) * int(meta["row_len"]) * _DTYPES[meta["dtype"]].itemsize
+    with open(tokens, "rb") as src, open(target, "wb") as dst:
+        left = used
+        while left > 0:
+            chunk = src.read(min(left, 1 << 24))
+            if not chunk:
+                raise CptError(f"{tokens}: shorter than its metadata says ({meta['fill']} rows)")
+            dst.write(chunk)
+            left -= len(chunk)
+        dst.truncate(size)
+    for mark in meta.get("journals", []):
+        journal = source / f"shard-{shard:03d}.undo-{int(mark)}.bin"
+        if journal.is_file():
+            shutil.copyfile(journal, directory / journal.name)
+    atomic.write_json(directory / meta_file.name, meta, indent=None)

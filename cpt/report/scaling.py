@@ -33,6 +33,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from cpt import atomic
 from cpt.report import plots
 from cpt.report.render import Bullets, Heading, Image, Para, Table, to_html, to_markdown
 
@@ -296,8 +297,8 @@ def write_scaling_report(rows: list[dict], out: Path, title: str = "cpt sweep") 
                 ],
             ),
         ]
-    (out / "report.md").write_text(to_markdown(title, blocks), encoding="utf-8")
-    (out / "report.html").write_text(to_html(title, blocks, out), encoding="utf-8")
+    atomic.write_text(out / "report.md", to_markdown(title, blocks))
+    atomic.write_text(out / "report.html", to_html(title, blocks, out))
     written["report.md"] = out / "report.md"
     written["report.html"] = out / "report.html"
     return written

@@ -23,13 +23,14 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cpt import evaluate, flops
+from cpt import atomic, evaluate, flops
 from cpt.alignment.probe import gradient_cosines
 from cpt.alignment.reptile import Reptile, optimizer_params
 from cpt.config import RunConfig, dump_config, load_config
@@ -39,11 +40,13 @@ from cpt.data.tokenizer import TextTokenizer, cache_root, load_tokenizer, train_
 from cpt.data.tokens import TaskTokens, check_token_range, prepare_task, source_key, split_documents, token_dtype
 from cpt.errors import CptError
 from cpt.model import build_model, count_parameters, load_model, max_positions, save_hf
-from cpt.replay.mixing import MixedBatchSource, StepPlan
+from cpt.replay import ownership
+from cpt.replay.buffer import ReplayBuffer, copy_shard, remove_shard
+from cpt.replay.mixing import MixedBatchSource, StepPlan, replay_shortfall
 from cpt.training import checkpoint as ckpt
 from cpt.training import distributed
 from cpt.training.schedule import lr_at
-from cpt.training.speed import causal_lm_loss, configure_cpu, make_adamw, supports_fused_loss
+from cpt.training.speed import NextTokenLoss, configure_cpu, make_adamw, supports_fused_loss
 
 MARKER = "run.json"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
@@ -111,7 +114,7 @@ def _log(msg: str) -> None:
 class MetricsLog:
     """Append-only JSON lines; flushed per line so a killed run keeps what it measured."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resumed_step: int | None = None):
         self.path = path
         self.fh = open(path, "a", encoding="utf-8")
         self.tb = None
@@ -120,7 +123,9 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise CptError("logging.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
-            self.tb = SummaryWriter(str(tensorboard_dir))
+            # a resumed run re-logs the steps after its checkpoint: TensorBoard drops the events the killed
+            # run wrote after it (steps > the checkpoint's), as metrics.jsonl is truncated to its offset
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=None if resumed_step is None else resumed_step + 1)
 
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
@@ -200,6 +205,11 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str])
         init = Path(cfg.model.init)
         if (init / "tokenizer.json").is_file() or (init / "tokenizer_config.json").is_file():
             return load_tokenizer(init)
+        # a new BPE's ids would fit inside the pretrained embedding table and silently mean other tokens
+        raise CptError(
+            f"model.init: {init} holds no tokenizer (tokenizer.json / tokenizer_config.json); set tokenizer.path "
+            "to the tokenizer the model was trained with"
+        )
     parts = [f"{key}:{t.val_fraction}" for key, t in zip(source_keys, cfg.tasks)]
     settings = f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}"
     key = hashlib.sha256(settings.encode()).hexdigest()[:20]
@@ -242,9 +252,10 @@ def _set_rng_state(state: dict) -> None:
 class Run:
     """Everything one training run holds; `run()` executes it to the summary."""
 
-    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log, replay_task_offset: int = 0):
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log, replay_task_offset: int = 0, run_id: str | None = None):
         self.cfg = cfg
         self.out = out
+        self.run_id = run_id
         self.rank, self.world, local_rank = distributed.world_info()
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda msg: None)
@@ -262,6 +273,7 @@ class Run:
         if not self.is_main:
             distributed.barrier()  # rank 0 trains the tokenizer and fills the token cache first
         source_keys = [source_key(Path(t.path), t.format, t.text_field) for t in cfg.tasks]  # reads each file once
+        self.source_keys = source_keys
         self.tokenizer = load_or_train_tokenizer(cfg, cache, source_keys)
         self.tasks: list[TaskTokens] = [
             prepare_task(
@@ -296,14 +308,33 @@ class Run:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ddp = None
         self.fsdp = self.world > 1 and tr.parallel == "fsdp"
+        # what runs forward: the model for evaluation and the probe; a loss module for training, so that
+        # under DDP the fused loss and a compiled body are what DDP wraps (it reduces what it runs)
+        self.train_body = None
+        self.forward_model = self.model
+        self.compiled: list[str] = []
         if self.fsdp:
             if cfg.alignment.probe_every:
                 raise CptError("alignment.probe_every: the gradient probe does not run under training.parallel: fsdp; use ddp or set it to 0")
             distributed.shard_model(self.model, mixed_bf16=self.autocast_dtype is not None, compile_layers=tr.compile)
-        elif self.world > 1:
+            if tr.compile:
+                self.compiled.append(f"{len(distributed.decoder_layers(self.model))} decoder layers, each before FSDP2 sharding")
+        elif tr.compile and supports_fused_loss(self.model):
+            # the decoder body; the lm_head + cross-entropy stay fused and chunked (eager)
+            self.train_body = torch.compile(self.model.model)
+            self.compiled.append("model.model (the decoder body; the fused lm_head + loss runs eagerly)")
+        elif tr.compile:
+            self.forward_model = torch.compile(self.model)
+            self.compiled.append("the whole model")
+        self.loss_module = NextTokenLoss(self.forward_model, self.train_body)
+        self.train_model: torch.nn.Module = self.loss_module
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_model = self.ddp
+        if self.compiled:
+            log(f"compile: {'; '.join(self.compiled)} (torch.compile{', under DDP' if self.ddp is not None else ''})")
 
         self.rows_per_step = tr.batch_size * tr.grad_accum
         rp = cfg.replay
@@ -344,14 +375,11 @@ class Run:
         )
         al = cfg.alignment
         self.reptile = Reptile(optimizer_params(self.optimizer), al.k, al.beta, al.anchor_device) if al.method == "reptile" else None
-        # compile the decoder body (the fused loss runs the lm_head itself), or the whole model
-        # (under FSDP2 each decoder layer was compiled before sharding)
-        compile_here = tr.compile and not self.fsdp
-        self.train_body = torch.compile(self.model.model) if compile_here and supports_fused_loss(self.model) else None
-        self.forward_model = torch.compile(self.model) if compile_here and self.train_body is None else self.model
-        # DDP averages gradients across ranks (the fused loss then takes the plain path, which DDP hooks see)
-        self.train_model = self.ddp if self.ddp is not None else self.forward_model
         self.eval_sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in self.tasks]
+        # what each fixed held-out set covers (windows spread over the whole validation split)
+        self.heldout = [evaluate.heldout_coverage(t.val, tr.seq_len, tr.eval_tokens, self.tokenizer.eos_id) for t in self.tasks]
+        for t, c in zip(self.tasks, self.heldout):
+            log(f"held-out {t.name}: {evaluate.describe_coverage(c)}")
         if al.probe_every:
             self.probe_streams = [
                 TaskStream(t.train, tr.seq_len, cfg.seed + 1_000_003, i, self.rank, self.world, t.name) for i, t in enumerate(self.tasks)
@@ -386,24 +414,33 @@ class Run:
         self.source = MixedBatchSource(self.streams, self.plan, self.buffer, self.prefetcher, rp.include_current, weights, off)
 
     def _make_buffer(self, resume: bool) -> None:
-        from cpt.replay.buffer import ReplayBuffer, capacity_rows_from
+        """This rank's shard: reopened on resume; else made empty (or copied from replay.buffer.init).
+
+        `train` has checked (ownership.check_buffers) that whatever shard is found here may be cleared.
+        """
         from cpt.replay.prefetch import ReplayPrefetcher
 
         bc = self.cfg.replay.buffer
-        directory = Path(bc.dir) if bc.dir else self.out / "replay"
+        directory = ownership.buffer_dir(self.cfg, self.out)
         row_len = self.cfg.training.seq_len + 1
-        existing = directory / f"shard-{self.rank:03d}.meta.json"
-        if existing.is_file() and (resume or bc.dir):
+        owner = ownership.owner_record(self.run_id, self.out, self.cfg) if self.run_id else None
+        if resume:
             self.buffer = ReplayBuffer.open(directory, self.rank)
             if self.buffer.row_len != row_len:
                 raise CptError(f"{directory}: buffer rows hold {self.buffer.row_len} tokens but training.seq_len + 1 = {row_len}")
-            if not resume:
-                self.log(f"replay: reusing the buffer in {directory} ({self.buffer.fill} sequences)")
         else:
-            capacity = capacity_rows_from(bc.capacity, bc.capacity_unit, row_len)
-            self.buffer = ReplayBuffer(
-                directory, row_len, capacity, bc.policy, token_dtype(self.tokenizer.vocab_size), self.cfg.seed, self.rank
-            )
+            remove_shard(directory, self.rank)  # a stale shard of this run directory (never another run's)
+            if bc.init:
+                copy_shard(Path(bc.init), directory, self.rank)
+                self.buffer = ReplayBuffer.open(directory, self.rank)
+                self.log(f"replay: copied {self.buffer.fill} sequence(s) per shard from {bc.init} (replay.buffer.init)")
+            else:
+                capacity = ownership.shard_capacity(ownership.global_capacity_rows(self.cfg), self.world, self.rank)
+                self.buffer = ReplayBuffer(
+                    directory, row_len, capacity, bc.policy, token_dtype(self.tokenizer.vocab_size), self.cfg.seed, self.rank, owner=owner
+                )
+            if owner is not None:
+                self.buffer.set_owner(owner)
         if self.cfg.replay.prefetch:
             self.prefetcher = ReplayPrefetcher(self.buffer)
             self.buffer.attach(self.prefetcher)
@@ -484,7 +521,7 @@ class Run:
         self.source.load_state_dict(state["sources"][self.rank])
         if self.reptile and state["reptile"]:
             if sharded:
-                state["reptile"]["anchor"] = torch.load(directory / f"anchor-rank{self.rank}.pt", map_location="cpu")
+                state["reptile"]["anchor"] = ckpt.load_state(directory / f"anchor-rank{self.rank}.pt")
             self.reptile.load_state_dict(state["reptile"])
         _set_rng_state(state["rngs"][self.rank])
         if state.get("probe") and self.cfg.alignment.probe_every:
@@ -543,7 +580,7 @@ class Run:
                 self.model.set_requires_gradient_sync(last)
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    loss = causal_lm_loss(self.train_model, micro[:, :-1], micro[:, 1:], body=self.train_body)
+                    loss = self.train_model(micro[:, :-1], micro[:, 1:])
                 (loss / cfg.training.grad_accum).backward()
             total += float(loss.detach()) / cfg.training.grad_accum
         stop = float(self.stopper.signum is not None)
@@ -561,7 +598,7 @@ class Run:
                     f"step {step}: the training loss is {total} (NaN/Inf); stopping{where}. Lower training.lr or raise training.nan_skip"
                 )
             self.log(f"warning: step {step}: loss {total}; batch skipped ({self.nan_skipped}/{cfg.training.nan_skip})")
-            self.source.after_step(step)
+            self.source.skip_step(step, n_new, n_replay)
             return total, 0
         if cfg.optimizer.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.clip)
@@ -581,7 +618,11 @@ class Run:
             with open(metrics_path, "r+b") as fh:
                 fh.truncate(resumed_state["metrics_offset"])
         if self.is_main:
-            self.metrics = MetricsLog(metrics_path, self.out / "tensorboard" if cfg.logging.tensorboard else None)
+            self.metrics = MetricsLog(
+                metrics_path,
+                self.out / "tensorboard" if cfg.logging.tensorboard else None,
+                resumed_step=resumed_state["step"] if resumed_state is not None else None,
+            )
         else:
             self.metrics = NoMetrics()
         if resumed_state is not None:
@@ -658,6 +699,10 @@ class Run:
                 if cfg.alignment.probe_every and self.step % cfg.alignment.probe_every == 0 and self.is_main:
                     self._probe(task)
                 task_end = self.step == end
+                if task_end and self.reptile is not None and cfg.alignment.task_end_update and self.reptile.steps_since_anchor:
+                    # the loss-matrix row and the task checkpoint hold interpolated weights, whatever k's phase
+                    self.reptile.meta_update()
+                    self.metrics.write({"type": "meta_update", "step": self.step, "count": self.reptile.meta_updates, "task_end": True})
                 if task_end or (cfg.training.eval_every and self.step % cfg.training.eval_every == 0):
                     losses = self.evaluate_all()
                     self.metrics.write({"type": "eval", "step": self.step, "task_index": task, "losses": losses, "task_end": task_end})
@@ -680,9 +725,37 @@ class Run:
         self.log(f"after {self.row_names[task]}: " + "  ".join(f"{t.name}={v:.3f}" for t, v in zip(self.tasks, row)))
         if cfg.checkpoint.task_ends and cfg.training.strategy != "joint":
             self.save_hf_checkpoint(self.out / "checkpoints" / f"task-{task}-{self.row_names[task]}")
+        if self.buffer is not None:
+            stats = self.source.stats
+            warning = replay_shortfall(self.plan, stats.new_rows[task], stats.replay_rows[task], task, cfg.replay.rate)
+            if warning:
+                self.log(f"warning: task {self.row_names[task]}: {warning}")
         if cfg.optimizer.reset_at_task:
             self.optimizer.state = defaultdict(dict)
         self.save_resumable()
+
+    def _replay_summary(self) -> dict:
+        """Global capacity and fill of the buffer (all shards) and the tasks that replayed less than planned."""
+        stats = self.source.stats
+        warnings = {}
+        for task, name in enumerate(self.row_names):
+            w = replay_shortfall(self.plan, stats.new_rows[task], stats.replay_rows[task], task, self.cfg.replay.rate)
+            if w:
+                warnings[name] = w
+        if self.buffer is None:
+            return {"replay_warnings": warnings}
+        cap = self.buffer.capacity_rows
+        fill, capacity, unbounded = distributed.all_reduce_sum([self.buffer.fill, cap or 0, float(cap is None)], self.device)
+        return {
+            "replay_warnings": warnings,
+            "replay_buffer": {
+                "shards": self.world,
+                "capacity_sequences": None if unbounded else int(capacity),
+                "capacity_tokens": None if unbounded else int(capacity) * self.cfg.training.seq_len,
+                "fill_sequences": int(fill),
+                "fill_tokens": int(fill) * self.cfg.training.seq_len,
+            },
+        }
 
     def _finish(self) -> dict:
         cfg = self.cfg
@@ -723,9 +796,12 @@ class Run:
             "probe_seconds": self.probe_seconds,
             "tokens_per_second": self.trained_tokens * self.world / max(self.train_seconds, 1e-9),
             "nan_skipped": self.nan_skipped,
+            "heldout": {t.name: c for t, c in zip(self.tasks, self.heldout)},
+            "compile": {"modules": self.compiled, "graphs": _compiled_graphs()} if self.compiled else None,
+            **self._replay_summary(),
         }
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic.write_json(self.out / "summary.json", summary, indent=2)
         if self.buffer is not None:
             self.log(f"replay: waited {self.source.wait_seconds:.3f}s on the prefetcher in {self.step} steps")
         if self.cfg.alignment.probe_every:
@@ -737,20 +813,6 @@ class Run:
             + (f"{summary['forgetting_score']:.3f}" if summary["forgetting_score"] is not None else "n/a")
         )
         return summary
-
-
-def _reused_buffer_tasks(cfg: RunConfig) -> int:
-    """How many task ids a kept buffer (replay.buffer.dir) already holds: this run's ids start after them."""
-    if cfg.replay.rate <= 0 or not cfg.replay.buffer.dir:
-        return 0
-    meta = Path(cfg.replay.buffer.dir) / "shard-000.meta.json"
-    if not meta.is_file():
-        return 0
-    try:
-        seen = json.loads(meta.read_text())["seen"]
-    except (KeyError, json.JSONDecodeError):
-        raise CptError(f"{meta}: not a cpt replay buffer (replay.buffer.dir)") from None
-    return max((int(t) for t, _ in seen), default=-1) + 1
 
 
 def train(
@@ -772,24 +834,52 @@ def train(
         else:
             cfg = load_config(config, overrides)
     prepare_run_dir(out, resume, overwrite, check_only=True)
+    marker: dict = {}
     if resume:
         # the run's own saved config wins: a resumed run must be the same run
         cfg = load_config(out / "config.yaml")
-    if resume:
-        offset = json.loads((out / MARKER).read_text()).get("replay_task_offset", 0)
+        marker = ownership.read_marker(out, MARKER)
+        offset = marker.get("replay_task_offset", 0)
     else:
-        offset = _reused_buffer_tasks(cfg)
+        offset = ownership.init_task_offset(cfg)
     run = Run(cfg, out, resume=resume, replay_task_offset=offset)  # data and model first: bad input fails before any write
+    if resume:
+        _check_same_data(run, marker, out)
+        run.run_id = marker.get("run_id")
+    else:
+        run.run_id = distributed.broadcast_object(uuid.uuid4().hex)  # every rank's shards name the same owner
+    ownership.check_buffers(cfg, out, run.run_id, resume, run.world, token_dtype(run.tokenizer.vocab_size).name, run.log)
     if not run.is_main:
         distributed.barrier()  # rank 0 prepares the run directory
         return _run_and_close(run, out, resume)
     prepare_run_dir(out, resume, overwrite)
     if not resume:
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        marker = {"cpt": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "replay_task_offset": offset}
-        (out / MARKER).write_text(json.dumps(marker))
+        atomic.write_text(out / "config.yaml", dump_config(cfg))
+        marker = {
+            "cpt": 1,
+            "run_id": run.run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "replay_task_offset": offset,
+            # what a resume must find again: each task's source content and the tokenizer
+            "sources": {t.name: key for t, key in zip(cfg.tasks, run.source_keys)},
+            "tokenizer": run.tokenizer.fingerprint,
+        }
+        atomic.write_json(out / MARKER, marker, indent=1)
     distributed.barrier()
     return _run_and_close(run, out, resume)
+
+
+def _check_same_data(run: Run, marker: dict, out: Path) -> None:
+    """A resumed run must train on the data it started with (runs made before fingerprints were kept are not checked)."""
+    sources = marker.get("sources") or {}
+    for i, (t, key) in enumerate(zip(run.cfg.tasks, run.source_keys)):
+        if t.name in sources and sources[t.name] != key:
+            raise CptError(
+                f"tasks.{i} ({t.name}): {t.path} changed since {out} started (its content hash differs); "
+                "restore the original data or start a new run"
+            )
+    if marker.get("tokenizer") and marker["tokenizer"] != run.tokenizer.fingerprint:
+        raise CptError(f"tokenizer: {run.tokenizer.source} is not the tokenizer {out} started with; restore it or start a new run")
 
 
 def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
@@ -799,14 +889,25 @@ def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
         if found is None:
             if (out / "summary.json").is_file():
                 raise CptError(f"{out}: the run already finished (summary.json exists)")
-            _log(f"{out}: no usable checkpoint; starting the run from the beginning")
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+            run.log(f"{out}: no usable checkpoint; starting the run from the beginning (with an empty replay buffer)")
+            if run.is_main:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+            run.resume = False  # the buffer too starts as it was at step 0, not as the killed run left it
         else:
             run.resumed_from, state = found
     try:
         return run.run(state)
     finally:
         distributed.shutdown()
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process: > 0 once a compiled module ran."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def ensure_threads() -> None:

@@ -152,3 +152,20 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: tor
     if scale is not None:
         hidden = hidden * scale
     return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), base.lm_head.weight, targets.reshape(-1), chunk)
+
+
+class NextTokenLoss(torch.nn.Module):
+    """The training objective as a module whose forward returns the mean next-token loss.
+
+    DistributedDataParallel only reduces gradients of a module it runs `forward` on; wrapping this
+    module (not the HF model) keeps the fused, chunked loss and a `torch.compile`d decoder body
+    under DDP. `body` is kept outside the module tree so the parameters are registered once.
+    """
+
+    def __init__(self, model: torch.nn.Module, body: torch.nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_body", body)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.model, input_ids, targets, body=self._body)
