@@ -2,17 +2,22 @@
 
 The training loop offers every new training sequence to `ReplayBuffer.add` after each optimizer
 step and later draws replay rows with `sample_slots` + `read` (usually through
-`cpt.replay.prefetch.ReplayPrefetcher`). The rows live in a memory-mapped token file
-`shard-NNN.tokens` of shape [slots, row_len] (uint16 or uint32); the per-slot task ids and the
-policy/RNG state live in `shard-NNN.meta.json`, which `flush()` replaces atomically. Only the small
-per-slot bookkeeping is held in RAM, never the rows. Each data-parallel rank owns its own shard
-(the shard index is part of the file names): no two processes ever write the same file, and a
-buffer object is not shared between processes. Within one process, row writes and reads are
-serialised by a lock, and when a prefetcher is attached `add()` first waits until every read
-submitted before it has completed, so a prefetched batch sees the buffer as it was when the read
-was submitted and never contains a partly written row. Draws with `sample_slots` are *with*
-replacement. After `flush()`, `ReplayBuffer.open()` continues with exactly the inserts and draws
-the original object would have made (both RNG states are part of the saved state).
+`cpt.replay.prefetch.ReplayPrefetcher`), restricted to the task ids `eligible()` names. The rows
+live in a memory-mapped token file `shard-NNN.tokens` of shape [slots, row_len] (uint16 or
+uint32); the per-slot task ids and the policy/RNG state live in `shard-NNN.meta.json`, which
+`flush()` replaces atomically. Only the small per-slot bookkeeping (`SlotTable`) is held in RAM,
+never the rows. Each data-parallel rank owns its own shard (the shard index is part of the file
+names): no two processes ever write the same file, and a buffer object is not shared between
+processes. Within one process, row writes and reads are serialised by a lock, and when a
+prefetcher is attached `add()` first waits until every read submitted before it has completed,
+so a prefetched batch sees the buffer as it was when the read was submitted and never contains a
+partly written row. Draws with `sample_slots` are *with* replacement. After `flush()`,
+`ReplayBuffer.open()` continues with exactly the inserts and draws the original object would
+have made (both RNG states are part of the saved state).
+
+Parts: a storage policy (`Reservoir`, `Balanced`, `Fifo`, or `KeepAll` for capacity "all")
+chooses the slots of offered rows with `place()`; an `UndoJournal` owns the shard's journal
+files; `peek`, `copy_shard` and `remove_shard` see a kept buffer directory from outside.
 
 Exact resume from an older state (undo journals). The tokens file is updated in place, so a
 state taken at a checkpoint describes rows that later inserts may overwrite. Every `flush()`
@@ -43,7 +48,7 @@ import threading
 import weakref
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -93,6 +98,345 @@ def capacity_rows_from(capacity: str | float, unit: str, row_len: int) -> int | 
     raise CptError(f"replay.buffer.unit: expected 'tokens' or 'sequences', got {unit!r}")
 
 
+# -- bookkeeping: which task each slot holds ---------------------------------------------------
+class SlotTable:
+    """The RAM side of a shard: which task each slot holds, and how many rows were offered.
+
+    Slots [0, fill) hold rows (free slots are filled in order and never vacated). `task_slots`
+    lists each task's slots in an order that is part of the saved state (draws index into it);
+    `slot_pos[s]` is the index of slot s in its task's list and `slot_task[s]` its task (-1:
+    free). `offered` counts every row ever offered, `seen` those of each task, `order` the tasks
+    in first-seen order. While `replaced` is a dict, `assign` records in it each slot's task
+    before its first reassignment (what the undo journal needs).
+    """
+
+    def __init__(self, rows: int = 0) -> None:
+        self.fill = 0
+        self.offered = 0
+        self.seen: dict[int, int] = {}
+        self.order: list[int] = []
+        self.task_slots: dict[int, list[int]] = {}
+        self.slot_task = np.full(rows, -1, dtype=np.int64)
+        self.slot_pos = np.zeros(rows, dtype=np.int64)
+        self.replaced: dict[int, int] | None = None
+
+    @property
+    def rows(self) -> int:
+        """Slots the table can describe (the length of the tokens file, in rows)."""
+        return len(self.slot_task)
+
+    def resize(self, rows: int) -> None:
+        """Grow to `rows` slots (new slots free); never shrinks."""
+        grow = rows - len(self.slot_task)
+        if grow > 0:
+            self.slot_task = np.concatenate([self.slot_task, np.full(grow, -1, np.int64)])
+            self.slot_pos = np.concatenate([self.slot_pos, np.zeros(grow, np.int64)])
+
+    def offer(self, n: int, task: int) -> int:
+        """Count n rows offered for `task`; returns `offered` before them (their stream start)."""
+        if task not in self.seen:
+            self.seen[task] = 0
+            self.order.append(task)
+        start = self.offered
+        self.offered += n
+        self.seen[task] += n
+        return start
+
+    def assign(self, slot: int, task: int) -> None:
+        """Make `slot` hold a row of `task` (appended to the end of the task's list)."""
+        old = int(self.slot_task[slot])
+        if self.replaced is not None:
+            self.replaced.setdefault(slot, old)  # the first assignment in a batch saw the row
+        if old >= 0:  # swap-remove from the old task's list; order is saved, so reloads match
+            lst = self.task_slots[old]
+            last = lst.pop()
+            if last != slot:
+                p = int(self.slot_pos[slot])
+                lst[p] = last
+                self.slot_pos[last] = p
+            if not lst:
+                del self.task_slots[old]
+        lst = self.task_slots.setdefault(task, [])
+        self.slot_pos[slot] = len(lst)
+        lst.append(slot)
+        self.slot_task[slot] = task
+
+    def counts(self) -> dict[int, int]:
+        """Rows stored per task, in first-seen order (0 for a task whose rows were all evicted)."""
+        return {t: len(self.task_slots.get(t, ())) for t in self.order}
+
+    def layout(self, task_slots: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The (slot_task, slot_pos) arrays, of this table's length, that `task_slots` describes."""
+        slot_task = np.full(self.rows, -1, dtype=np.int64)
+        slot_pos = np.zeros(self.rows, dtype=np.int64)
+        for t, sl in task_slots.items():
+            idx = np.asarray(sl, dtype=np.int64)
+            slot_task[idx] = t
+            slot_pos[idx] = np.arange(len(idx))
+        return slot_task, slot_pos
+
+    def restore(self, fill: int, offered: int, seen: list[tuple[int, int]], task_slots: dict[int, list[int]],
+                slot_task: np.ndarray, slot_pos: np.ndarray) -> None:
+        """Replace the whole table (seen: (task, rows offered) in first-seen order)."""
+        self.fill, self.offered = fill, offered
+        self.order = [t for t, _ in seen]
+        self.seen = dict(seen)
+        self.task_slots = task_slots
+        self.slot_task, self.slot_pos = slot_task, slot_pos
+
+
+# -- storage policies: which slots offered rows go to ------------------------------------------
+def _dedupe(src: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Within one batch a later row may overwrite an earlier one's slot: keep the last."""
+    if len(np.unique(slots)) == len(slots):
+        return src, slots
+    last = {s: i for i, s in zip(src.tolist(), slots.tolist())}
+    return np.fromiter(last.values(), np.int64), np.fromiter(last.keys(), np.int64)
+
+
+class StoragePolicy:
+    """Chooses the slots of offered rows and records them in the table.
+
+    `place(n, task, start)` runs under the buffer's lock after `table.offer(n, task)` returned
+    `start`. It assigns every chosen slot to `task`, leaves `table.fill` covering them and
+    returns (index in the batch, slot) of the rows to write: int64 arrays, slots distinct (of
+    rows of one batch that landed on one slot only the last is kept). Random choices draw from
+    `rng`, the buffer's insert generator. The default `place` assigns what `choose` picked.
+    """
+
+    def __init__(self, table: SlotTable, capacity: int | None, rng: np.random.Generator) -> None:
+        self.table, self.capacity, self.rng = table, capacity, rng
+
+    def place(self, n: int, task: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+        src, slots = self.choose(n, start)
+        for s in slots.tolist():
+            self.table.assign(s, task)
+        self.table.fill = max(self.table.fill, int(slots.max()) + 1 if len(slots) else 0)
+        return _dedupe(src, slots)
+
+    def choose(self, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(batch index, slot) of the rows to keep, in batch order; slots may repeat."""
+        raise NotImplementedError
+
+
+class KeepAll(StoragePolicy):
+    """Capacity "all": every row gets the next free slot; the table doubles when full (the
+    buffer then grows its file to match)."""
+
+    def choose(self, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self.table
+        if t.fill + n > t.rows:
+            t.resize(max(2 * t.rows, t.fill + n))
+        src = np.arange(n)
+        return src, t.fill + src
+
+
+class Fifo(StoragePolicy):
+    """Ring buffer: the row at stream position p goes to slot p % capacity."""
+
+    def choose(self, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+        cap = self.capacity
+        assert cap is not None
+        src = np.arange(max(0, n - cap), n)  # of a batch longer than cap only the tail stays
+        return src, (start + src) % cap
+
+
+class Reservoir(StoragePolicy):
+    """Vitter's Algorithm R: uniform over all rows ever offered."""
+
+    def choose(self, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+        cap = self.capacity
+        assert cap is not None
+        pos = start + 1 + np.arange(n)  # 1-based stream positions
+        j = np.where(pos <= cap, pos - 1, 0)
+        late = pos > cap
+        if late.any():  # Algorithm R: keep with prob cap/pos, into a uniform slot
+            j[late] = self.rng.integers(0, pos[late])
+        keep = j < cap
+        return np.flatnonzero(keep), j[keep]
+
+
+class Balanced(StoragePolicy):
+    """Equal share per seen task; a task under its share evicts a random slot of the most
+    over-represented task, a task at/over its share does Algorithm R among its own slots.
+
+    A task's count never drops below its share (only over-represented tasks are evicted and
+    shares only shrink), so a task below its share has stored every row it offered, and
+    evicting uniformly from a uniform subset keeps it uniform. Shares are capacity // tasks,
+    the remainder going one each to the first-seen tasks.
+    """
+
+    def place(self, n: int, task: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+        cap, tb = self.capacity, self.table
+        assert cap is not None
+        t_n, rem = divmod(cap, len(tb.order))
+        quota = {t: t_n + (i < rem) for i, t in enumerate(tb.order)}  # first-seen get +1
+        n_seen = tb.seen[task] - n
+        src: list[int] = []
+        slots: list[int] = []
+        for i in range(n):  # one row at a time: each choice sees the counts the last one left
+            n_seen += 1
+            mine = tb.task_slots.get(task, [])
+            if tb.fill < cap:  # free slots are filled in order, never vacated later
+                slot = tb.fill
+                tb.fill += 1
+            elif len(mine) < quota[task]:
+                victim = max(tb.order, key=lambda t: len(tb.task_slots.get(t, ())) - quota[t])
+                vs = tb.task_slots[victim]
+                slot = vs[int(self.rng.integers(len(vs)))]
+            else:
+                j = int(self.rng.integers(n_seen))
+                if j >= len(mine):
+                    continue
+                slot = mine[j]
+            tb.assign(slot, task)
+            src.append(i)
+            slots.append(slot)
+        return _dedupe(np.asarray(src, dtype=np.int64), np.asarray(slots, dtype=np.int64))
+
+
+_POLICY_CLASSES: dict[str, type[StoragePolicy]] = {"reservoir": Reservoir, "balanced": Balanced, "fifo": Fifo}
+
+
+def make_policy(policy: str, capacity: int | None, table: SlotTable, rng: np.random.Generator) -> StoragePolicy:
+    """The storage policy object for a policy name (any name gives KeepAll when capacity is None)."""
+    if capacity is None:
+        return KeepAll(table, capacity, rng)
+    if policy not in _POLICY_CLASSES:
+        raise CptError(f"replay.buffer.policy: expected one of {POLICIES}, got {policy!r}")
+    return _POLICY_CLASSES[policy](table, capacity, rng)
+
+
+# -- undo journals: the rows an epoch overwrote ------------------------------------------------
+class UndoJournal:
+    """The undo journals of one shard, `shard-NNN.undo-<mark>.bin`, one per epoch (see above).
+
+    A journal is a header (b"CPTUNDO1", then little-endian int64 mark, fill at the mark,
+    row_len, token itemsize) followed by records (int64 slot, int64 old task id, the old row),
+    appended in the order written; a torn last record is ignored when read. `marks` lists the
+    epochs whose journals are kept, oldest first (the buffer saves it in its metadata). One
+    epoch at a time is open for appends; within it each slot below the epoch's fill is recorded
+    once, before its first overwrite.
+    """
+
+    def __init__(self, directory: Path, shard: int, row_len: int, dtype: np.dtype, slots: int) -> None:
+        self.directory, self.shard, self.row_len, self.itemsize = directory, shard, row_len, dtype.itemsize
+        self.marks: list[int] = []
+        self.rec_dtype = np.dtype([("slot", "<i8"), ("task", "<i8"), ("row", dtype, (row_len,))])
+        self._fill = 0  # rows held when the open epoch began: only slots below it need records
+        self._journaled = np.zeros(slots, dtype=bool)  # slots already recorded in the open epoch
+        self._file: BinaryIO | None = None  # append handle of the open epoch's journal
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
+    def path(self, mark: int) -> Path:
+        return self.directory / f"shard-{self.shard:03d}.undo-{mark}.bin"
+
+    def start(self, mark: int, fill: int) -> None:
+        """Open epoch `mark` of a buffer holding `fill` rows: its journal is made an empty one
+        (atomically) and appended to from now on. Does not touch `marks`."""
+        self.close()
+        path = self.path(mark)
+        head = np.array([mark, fill, self.row_len, self.itemsize], dtype="<i8")
+        atomic.write_bytes(path, _UNDO_MAGIC + head.tobytes())
+        self._file = open(path, "ab")  # kept open for the epoch
+        self._fill = fill
+        self._journaled[:] = False
+
+    def record(self, slots: np.ndarray, old_task: dict[int, int], rows: np.ndarray) -> None:
+        """Journal, before they are overwritten, the rows (`rows[slot]`, task `old_task[slot]`)
+        of `slots` that held a row when the epoch began and are not journaled in it yet; the
+        file is flushed before returning."""
+        need = slots[slots < self._fill]
+        need = need[~self._journaled[need]]
+        if len(need) == 0:
+            return
+        assert self._file is not None
+        rec = np.empty(len(need), dtype=self.rec_dtype)
+        rec["slot"] = need
+        rec["task"] = [old_task[s] for s in need.tolist()]
+        rec["row"] = rows[need]
+        self._file.write(rec.tobytes())
+        self._file.flush()  # journal first, then the row
+        self._journaled[need] = True
+
+    def read(self, mark: int, where: str) -> np.ndarray:
+        """The records of epoch `mark` (a read-only memmap; empty array if none)."""
+        path = self.path(mark)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_UNDO_HEADER)
+            size = path.stat().st_size
+        except OSError:
+            raise CptError(f"{where}: undo journal {path} is missing; cannot restore the rows "
+                           f"of an older state") from None
+        ok = len(head) == _UNDO_HEADER and head.startswith(_UNDO_MAGIC)
+        vals = np.frombuffer(head[len(_UNDO_MAGIC):], dtype="<i8") if ok else None
+        if vals is None or int(vals[0]) != mark or int(vals[2]) != self.row_len or \
+                int(vals[3]) != self.itemsize:
+            raise CptError(f"{where}: {path} is not an undo journal of this buffer")
+        n = (size - _UNDO_HEADER) // self.rec_dtype.itemsize  # a torn last record: row unwritten
+        if n == 0:
+            return np.empty(0, dtype=self.rec_dtype)
+        return np.memmap(path, dtype=self.rec_dtype, mode="r", offset=_UNDO_HEADER, shape=(n,))
+
+    def undo_to(self, mark: int, slot_task: np.ndarray, rows: np.ndarray, where: str) -> bool:
+        """Write into `rows` (all slots of the file) the rows as of the flush at `mark`, from the
+        journals of epoch `mark` and every later kept one; True if any row was written.
+
+        `slot_task` is the state's task of each slot below its fill: a record that contradicts
+        it means the state is another buffer's, and nothing is written then.
+        """
+        chain = [m for m in self.marks if m >= mark]
+        if not chain or chain[0] != mark:
+            raise CptError(f"{where}: undo journal {self.path(mark)} is missing (kept "
+                           f"epochs: {self.marks}); cannot restore the rows of the state with "
+                           f"{mark} rows offered")
+        journals = [self.read(m, where) for m in chain]
+        # each slot's row at `mark` is its first record in the oldest epoch that recorded it
+        firsts = []
+        got = np.full(len(slot_task), -1, dtype=np.int64)
+        for rec in journals:
+            slots = np.asarray(rec["slot"])
+            if len(slots) and (slots.min() < 0 or slots.max() >= len(rows)):
+                raise CptError(f"{where}: a journal names slots outside the file")
+            _, first = np.unique(slots, return_index=True)
+            firsts.append(first)
+        for rec, first in zip(reversed(journals), reversed(firsts)):
+            slots = np.asarray(rec["slot"])[first]
+            keep = slots < len(got)
+            got[slots[keep]] = np.asarray(rec["task"])[first][keep]
+        bad = (got >= 0) & (got != slot_task)
+        if bad.any():
+            s = int(np.flatnonzero(bad)[0])
+            raise CptError(f"{where}: the undo journals do not match the state (slot {s} held "
+                           f"task {int(got[s])}, the state says {int(slot_task[s])}); the state "
+                           f"belongs to another run's buffer")
+        changed = False
+        for rec, first in zip(reversed(journals), reversed(firsts)):
+            for i in range(0, len(first), _APPLY_CHUNK):
+                part = rec[np.sort(first[i:i + _APPLY_CHUNK])]
+                rows[part["slot"]] = part["row"]
+                changed = True
+        return changed
+
+    def drop_unlisted(self) -> None:
+        """Delete this shard's journals that are not in `marks` (pruned, undone or stray)."""
+        keep = {self.path(m).name for m in self.marks}
+        for p in self.directory.glob(f"shard-{self.shard:03d}.undo-*.bin*"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the open epoch's file (the buffer is closed until `start` opens another)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# -- the buffer --------------------------------------------------------------------------------
 class ReplayBuffer:
     """A fixed-capacity (or, with capacity_rows=None, keep-everything) replay shard on disk.
 
@@ -122,10 +466,6 @@ class ReplayBuffer:
         with open(self._tokens_path, "wb") as f:
             f.truncate(rows * row_len * dt.itemsize)  # sparse: no disk used until written
         self._map(rows)
-        seq = np.random.SeedSequence([seed, shard])
-        ins, smp = seq.spawn(2)
-        self._rng_insert = np.random.Generator(np.random.PCG64(ins))
-        self._rng_sample = np.random.Generator(np.random.PCG64(smp))
         self.flush()
 
     def _configure(self, directory: Path, shard: int, row_len: int, capacity: int | None,
@@ -137,23 +477,15 @@ class ReplayBuffer:
         self._meta_path = directory / f"shard-{shard:03d}.meta.json"
         self._lock = threading.Lock()
         self._prefetcher: _Barrier | None = None
-        self._fill = 0
-        self._offered = 0
-        self._seen: dict[int, int] = {}
-        self._order: list[int] = []  # tasks in first-seen order (balanced quotas follow it)
-        self._task_slots: dict[int, list[int]] = {}
-        self._slot_task = np.empty(0, dtype=np.int64)
-        self._slot_pos = np.empty(0, dtype=np.int64)  # index of the slot in its task's list
-        # undo journal (finite capacity only): the current epoch began at offered == _mark with
-        # _mark_fill rows; _journaled marks slots already recorded in it; _marks lists the epochs
-        # whose journals are kept, oldest first; _meta_mark is the mark of the state in the
-        # metadata file
-        self._mark = self._meta_mark = self._mark_fill = 0
-        self._marks: list[int] = []
-        self._journaled = np.zeros(capacity or 0, dtype=bool)
-        self._journal: Any = None  # append handle of the current epoch's journal
-        self._old_task: dict[int, int] | None = None  # slot -> task before this add() (journal)
-        self._rec_dtype = np.dtype([("slot", "<i8"), ("task", "<i8"), ("row", dt, (row_len,))])
+        self._table = SlotTable()
+        # _mark: offered at the last flush (the open journal epoch with a finite capacity);
+        # _meta_mark: the mark of the state in the metadata file
+        self._mark = self._meta_mark = 0
+        self._journal = UndoJournal(directory, shard, row_len, dt, capacity) if capacity is not None else None
+        ins, smp = np.random.SeedSequence([seed, shard]).spawn(2)  # open() loads the saved states
+        self._rng_insert = np.random.Generator(np.random.PCG64(ins))
+        self._rng_sample = np.random.Generator(np.random.PCG64(smp))
+        self._placer = make_policy(policy, capacity, self._table, self._rng_insert)
 
     def _map(self, rows: int) -> None:
         if not hasattr(self, "_fd"):  # for read-ahead hints; closed with the object
@@ -162,10 +494,7 @@ class ReplayBuffer:
         self._mm = np.memmap(self._tokens_path, dtype=self.dtype, mode="r+",
                              shape=(rows, self.row_len))
         self._rows = self._mm.view(np.ndarray)  # plain view: cheaper indexing, copies on fancy
-        grow = rows - len(self._slot_task)
-        if grow > 0:
-            self._slot_task = np.concatenate([self._slot_task, np.full(grow, -1, np.int64)])
-            self._slot_pos = np.concatenate([self._slot_pos, np.zeros(grow, np.int64)])
+        self._table.resize(rows)
 
     @classmethod
     def open(cls, directory: Path, shard: int = 0) -> ReplayBuffer:
@@ -185,32 +514,42 @@ class ReplayBuffer:
             raise CptError(f"{self._tokens_path}: missing, truncated or not a whole number of "
                            f"rows of {self.row_len} {self.dtype.name} tokens")
         self._map(size // itemsize)
-        self._rng_insert = np.random.Generator(np.random.PCG64())
-        self._rng_sample = np.random.Generator(np.random.PCG64())
-        self._offered = int(meta["offered"])
-        self._mark = self._meta_mark = int(meta.get("mark", self._offered))
-        if self._capacity is not None:
+        self._table.offered = int(meta["offered"])
+        self._mark = self._meta_mark = int(meta.get("mark", self._table.offered))
+        if self._journal is not None:
             if "journals" not in meta:  # written before undo journals existed: start one now
-                self._reset_journal(self._mark)
+                self._journal.start(self._mark, self._table.fill)
                 meta["journals"] = [self._mark]
-            self._marks = [int(m) for m in meta["journals"]]
+            self._journal.marks = [int(m) for m in meta["journals"]]
         self.load_state_dict(meta)  # also undoes rows written after the last flush
         return self
 
     # -- introspection -------------------------------------------------------------------
     @property
     def fill(self) -> int:
-        return self._fill
+        return self._table.fill
 
     @property
     def capacity_rows(self) -> int | None:
         return self._capacity
 
     def counts_per_task(self) -> dict[int, int]:
-        return {t: len(self._task_slots.get(t, ())) for t in self._order}
+        return self._table.counts()
 
     def seen_per_task(self) -> dict[int, int]:
-        return dict(self._seen)
+        return dict(self._table.seen)
+
+    def eligible(self, task: int, include_current: bool = False, task_offset: int = 0) -> list[int]:
+        """The task ids that training task `task` may replay and that have rows stored, ascending.
+
+        A run stores its task t under id task_offset + t (a reused buffer holds an earlier run's
+        tasks under 0..task_offset-1). Eligible are the ids below task_offset + task, and with
+        include_current that id too. Every row `read` returns has a stored task id, so
+        `np.isin(task_ids, buffer.eligible(...))` tells which of them may be replayed.
+        """
+        top = task_offset + task + (1 if include_current else 0)
+        with self._lock:
+            return sorted(t for t in self._table.task_slots if t < top)
 
     def attach(self, prefetcher: _Barrier | None) -> None:
         """Make add() wait for `prefetcher.barrier()` before it overwrites any slot."""
@@ -241,20 +580,16 @@ class ReplayBuffer:
             return
         if self._prefetcher is not None:
             self._prefetcher.barrier()  # reads submitted before this add see the old rows
-        task = int(task_id)
         with self._lock:
-            if self._capacity is not None and self._journal is None:
+            if self._journal is not None and not self._journal.is_open:
                 raise CptError(f"{where}: the buffer is closed")
-            if task not in self._seen:
-                self._seen[task] = 0
-                self._order.append(task)
-            self._old_task = {} if self._capacity is not None else None
+            self._table.replaced = {} if self._journal is not None else None
             try:
-                src, slots = self._place(len(rows), task)
-                if len(src) and self._capacity is not None:
-                    self._record_undo(slots)
+                src, slots = self._place(len(rows), int(task_id))
+                if len(src) and self._journal is not None:
+                    self._journal.record(slots, self._table.replaced, self._rows)
             finally:
-                self._old_task = None
+                self._table.replaced = None
             if len(src) == 0:
                 return
             if np.all(np.diff(slots) == 1):  # fill phase: one contiguous block write
@@ -263,110 +598,13 @@ class ReplayBuffer:
                 self._rows[slots] = rows[src]
 
     def _place(self, n: int, task: int) -> tuple[np.ndarray, np.ndarray]:
-        """Choose slots for n offered rows and update bookkeeping; returns (row idx, slot)."""
-        cap, start = self._capacity, self._offered
-        self._offered += n
-        if cap is None:
-            if self._fill + n > len(self._slot_task):
-                self._grow(max(2 * len(self._slot_task), self._fill + n))
-            src = np.arange(n)
-            slots = self._fill + src
-        elif self.policy == "fifo":
-            src = np.arange(max(0, n - cap), n)  # of a batch longer than cap only the tail stays
-            slots = (start + src) % cap
-        elif self.policy == "reservoir":
-            pos = start + 1 + np.arange(n)  # 1-based stream positions
-            j = np.where(pos <= cap, pos - 1, 0)
-            late = pos > cap
-            if late.any():  # Algorithm R: keep with prob cap/pos, into a uniform slot
-                j[late] = self._rng_insert.integers(0, pos[late])
-            keep = j < cap
-            src, slots = np.flatnonzero(keep), j[keep]
-        else:
-            self._seen[task] += n
-            return self._dedupe(*self._place_balanced(n, task))
-        self._seen[task] += n
-        for s in slots.tolist():
-            self._assign(s, task)
-        self._fill = max(self._fill, int(slots.max()) + 1 if len(slots) else 0)
-        return self._dedupe(src, slots)
-
-    def _place_balanced(self, n: int, task: int) -> tuple[np.ndarray, np.ndarray]:
-        """Equal share per seen task; a task under its share evicts a random slot of the most
-        over-represented task, a task at/over its share does Algorithm R among its own slots.
-
-        A task's count never drops below its share (only over-represented tasks are evicted and
-        shares only shrink), so a task below its share has stored every row it offered, and
-        evicting uniformly from a uniform subset keeps it uniform.
-        """
-        cap = self._capacity
-        assert cap is not None
-        t_n, rem = divmod(cap, len(self._order))
-        quota = {t: t_n + (i < rem) for i, t in enumerate(self._order)}  # first-seen get +1
-        n_seen = self._seen[task] - n
-        src: list[int] = []
-        slots: list[int] = []
-        for i in range(n):
-            n_seen += 1
-            mine = self._task_slots.get(task, [])
-            if self._fill < cap:  # free slots are filled in order, never vacated later
-                slot = self._fill
-                self._fill += 1
-            elif len(mine) < quota[task]:
-                victim = max(self._order,
-                             key=lambda t: len(self._task_slots.get(t, ())) - quota[t])
-                vs = self._task_slots[victim]
-                slot = vs[int(self._rng_insert.integers(len(vs)))]
-            else:
-                j = int(self._rng_insert.integers(n_seen))
-                if j >= len(mine):
-                    continue
-                slot = mine[j]
-            self._assign(slot, task)
-            src.append(i)
-            slots.append(slot)
-        return np.asarray(src, dtype=np.int64), np.asarray(slots, dtype=np.int64)
-
-    def _record_undo(self, slots: np.ndarray) -> None:
-        """Journal, before they are overwritten, the rows of `slots` that held a row when the
-        epoch began and are not journaled in it yet; the file is flushed before returning."""
-        need = slots[slots < self._mark_fill]
-        need = need[~self._journaled[need]]
-        if len(need) == 0:
-            return
-        rec = np.empty(len(need), dtype=self._rec_dtype)
-        rec["slot"] = need
-        rec["task"] = [self._old_task[s] for s in need.tolist()]  # type: ignore[index]
-        rec["row"] = self._rows[need]
-        self._journal.write(rec.tobytes())
-        self._journal.flush()  # journal first, then the row
-        self._journaled[need] = True
-
-    def _assign(self, slot: int, task: int) -> None:
-        old = int(self._slot_task[slot])
-        if self._old_task is not None:
-            self._old_task.setdefault(slot, old)  # the first assignment in a batch saw the row
-        if old >= 0:  # swap-remove from the old task's list; order is saved, so reloads match
-            lst = self._task_slots[old]
-            last = lst.pop()
-            if last != slot:
-                p = int(self._slot_pos[slot])
-                lst[p] = last
-                self._slot_pos[last] = p
-            if not lst:
-                del self._task_slots[old]
-        lst = self._task_slots.setdefault(task, [])
-        self._slot_pos[slot] = len(lst)
-        lst.append(slot)
-        self._slot_task[slot] = task
-
-    @staticmethod
-    def _dedupe(src: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Within one batch a later row may overwrite an earlier one's slot: keep the last."""
-        if len(np.unique(slots)) == len(slots):
-            return src, slots
-        last = {s: i for i, s in zip(src.tolist(), slots.tolist())}
-        return np.fromiter(last.values(), np.int64), np.fromiter(last.keys(), np.int64)
+        """Count n offered rows and let the policy choose and assign their slots; returns
+        (row idx, slot), slots distinct. Grows the file when a growing buffer needs it."""
+        start = self._table.offer(n, task)
+        src, slots = self._placer.place(n, task, start)
+        if self._table.rows > len(self._rows):
+            self._grow(self._table.rows)
+        return src, slots
 
     def _grow(self, rows: int) -> None:
         self._mm.flush()
@@ -386,11 +624,12 @@ class ReplayBuffer:
                 raise ValueError(f"n must be >= 0, got {n}")
             return np.empty(0, dtype=np.int64)
         with self._lock:
+            tb = self._table
             if eligible_tasks is None and task_weights is None:
-                if self._fill == 0:
+                if tb.fill == 0:
                     raise CptError(f"replay buffer {self._tokens_path}: no rows to replay yet")
-                return self._rng_sample.integers(0, self._fill, size=n)
-            tasks = sorted(t for t in self._task_slots
+                return self._rng_sample.integers(0, tb.fill, size=n)
+            tasks = sorted(t for t in tb.task_slots
                            if eligible_tasks is None or t in eligible_tasks)
             if task_weights is not None:
                 w = np.array([float(task_weights.get(t, 0.0)) for t in tasks])
@@ -404,8 +643,8 @@ class ReplayBuffer:
                 if task_weights is not None:
                     which += f" with weight > 0 (weights {task_weights})"
                 raise CptError(f"replay buffer {self._tokens_path}: no stored rows of {which}; "
-                               f"rows per task: {self.counts_per_task()}")
-            counts = np.array([len(self._task_slots[t]) for t in tasks])
+                               f"rows per task: {tb.counts()}")
+            counts = np.array([len(tb.task_slots[t]) for t in tasks])
             if task_weights is None:
                 u = self._rng_sample.integers(0, counts.sum(), size=n)
                 starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -414,7 +653,7 @@ class ReplayBuffer:
             else:
                 k = self._rng_sample.choice(len(tasks), size=n, p=w / w.sum())
                 off = self._rng_sample.integers(0, counts[k])
-            return np.array([self._task_slots[tasks[a]][b]
+            return np.array([tb.task_slots[tasks[a]][b]
                              for a, b in zip(k.tolist(), off.tolist())], dtype=np.int64)
 
     def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -427,10 +666,11 @@ class ReplayBuffer:
             for s in slots.tolist():
                 os.posix_fadvise(self._fd, s * nbytes, nbytes, _WILLNEED)
         with self._lock:
-            if len(slots) and (slots.min() < 0 or slots.max() >= self._fill):
-                raise IndexError(f"replay slots must lie in [0, {self._fill}), got "
+            fill = self._table.fill
+            if len(slots) and (slots.min() < 0 or slots.max() >= fill):
+                raise IndexError(f"replay slots must lie in [0, {fill}), got "
                                  f"[{slots.min()}, {slots.max()}]")
-            return self._rows[slots], self._slot_task[slots]
+            return self._rows[slots], self._table.slot_task[slots]
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -439,14 +679,15 @@ class ReplayBuffer:
             return self._state()
 
     def _state(self) -> dict[str, Any]:
+        tb = self._table
         return {
             "format": _FORMAT, "row_len": self.row_len, "dtype": self.dtype.name,
             "capacity_rows": self._capacity, "policy": self.policy, "seed": self.seed,
-            "shard": self.shard, "fill": self._fill, "offered": self._offered,
+            "shard": self.shard, "fill": tb.fill, "offered": tb.offered,
             "mark": self._mark,  # the journal epoch (offered at the last flush)
-            "seen": [[t, self._seen[t]] for t in self._order],
+            "seen": [[t, tb.seen[t]] for t in tb.order],
             # each task's slots in list order; the order matters for identical future draws
-            "task_slots": [[t, list(s)] for t, s in self._task_slots.items()],
+            "task_slots": [[t, list(s)] for t, s in tb.task_slots.items()],
             "rng_insert": self._rng_insert.bit_generator.state,
             "rng_sample": self._rng_sample.bit_generator.state,
         }
@@ -472,129 +713,50 @@ class ReplayBuffer:
         task_slots = {int(t): [int(s) for s in sl] for t, sl in d["task_slots"]}
         if self._prefetcher is not None:
             self._prefetcher.barrier()  # rows may be restored below
+        tb, journal = self._table, self._journal
         with self._lock:
-            if fill > len(self._slot_task):
+            if fill > tb.rows:
                 raise CptError(f"{where}: state has {fill} rows but the file holds only "
-                               f"{len(self._slot_task)}")
-            slot_task = np.full(len(self._slot_task), -1, dtype=np.int64)
-            slot_pos = np.zeros(len(self._slot_task), dtype=np.int64)
-            for t, sl in task_slots.items():
-                idx = np.asarray(sl, dtype=np.int64)
-                slot_task[idx] = t
-                slot_pos[idx] = np.arange(len(idx))
+                               f"{tb.rows}")
+            slot_task, slot_pos = tb.layout(task_slots)
             restart = False
-            if self._capacity is not None:
+            if journal is not None:
                 if offered != mark:  # taken between flushes: only "here" is restorable
-                    if (mark, offered) != (self._mark, self._offered):
+                    if (mark, offered) != (self._mark, tb.offered):
                         raise CptError(
                             f"{where}: the state was taken {offered - mark} row(s) after a flush "
-                            f"and the buffer has moved on ({self._offered} rows offered); only "
+                            f"and the buffer has moved on ({tb.offered} rows offered); only "
                             f"states taken right after flush() can be restored")
                 else:
                     restart = self._undo_to(mark, slot_task[:fill], where) or mark != self._meta_mark
-                    restart = restart or self._offered != offered
-            self._fill, self._offered = fill, offered
-            self._order = [int(t) for t, _ in d["seen"]]
-            self._seen = {int(t): int(c) for t, c in d["seen"]}
-            self._task_slots = task_slots
-            self._slot_task, self._slot_pos = slot_task, slot_pos
+                    restart = restart or tb.offered != offered
+            tb.restore(fill, offered, [(int(t), int(c)) for t, c in d["seen"]], task_slots, slot_task, slot_pos)
             self._rng_insert.bit_generator.state = d["rng_insert"]
             self._rng_sample.bit_generator.state = d["rng_sample"]
-            if self._capacity is None:
+            if journal is None:
                 self._mark = mark
                 return
             if offered != mark:
                 return
             self._mark = mark
-            self._marks = [m for m in self._marks if m <= mark]
+            journal.marks = [m for m in journal.marks if m <= mark]
             state = self._state() if restart else None
         if state is not None:  # the metadata first, then drop the journals it no longer lists
             self._write_meta(state)
         with self._lock:
-            self._drop_journals()
-            self._reset_journal(mark)
-            self._mark_fill = fill
-            self._journaled[:] = False
+            journal.drop_unlisted()
+            journal.start(mark, fill)
 
     def _undo_to(self, mark: int, slot_task: np.ndarray, where: str) -> bool:
         """Restore the rows as of the flush at `mark` from the journals; True if any changed."""
+        assert self._journal is not None
         if mark > self._mark:
             raise CptError(f"{where}: the state ({mark} rows offered) is newer than the buffer "
                            f"on disk ({self._mark}); it belongs to another copy of the buffer")
-        chain = [m for m in self._marks if m >= mark]
-        if not chain or chain[0] != mark:
-            raise CptError(f"{where}: undo journal {self._journal_path(mark)} is missing (kept "
-                           f"epochs: {self._marks}); cannot restore the rows of the state with "
-                           f"{mark} rows offered")
-        journals = [self._read_journal(m, where) for m in chain]
-        # each slot's row at `mark` is its first record in the oldest epoch that recorded it
-        firsts = []
-        got = np.full(len(slot_task), -1, dtype=np.int64)
-        for rec in journals:
-            slots = np.asarray(rec["slot"])
-            if len(slots) and (slots.min() < 0 or slots.max() >= len(self._slot_task)):
-                raise CptError(f"{where}: a journal names slots outside the file")
-            _, first = np.unique(slots, return_index=True)
-            firsts.append(first)
-        for rec, first in zip(reversed(journals), reversed(firsts)):
-            slots = np.asarray(rec["slot"])[first]
-            keep = slots < len(got)
-            got[slots[keep]] = np.asarray(rec["task"])[first][keep]
-        bad = (got >= 0) & (got != slot_task)
-        if bad.any():
-            s = int(np.flatnonzero(bad)[0])
-            raise CptError(f"{where}: the undo journals do not match the state (slot {s} held "
-                           f"task {int(got[s])}, the state says {int(slot_task[s])}); the state "
-                           f"belongs to another run's buffer")
-        changed = False
-        for rec, first in zip(reversed(journals), reversed(firsts)):
-            for i in range(0, len(first), _APPLY_CHUNK):
-                part = rec[np.sort(first[i:i + _APPLY_CHUNK])]
-                self._rows[part["slot"]] = part["row"]
-                changed = True
+        changed = self._journal.undo_to(mark, slot_task, self._rows, where)
         if changed:
             self._mm.flush()
         return changed
-
-    # -- undo journals -------------------------------------------------------------------
-    def _journal_path(self, mark: int) -> Path:
-        return self.directory / f"shard-{self.shard:03d}.undo-{mark}.bin"
-
-    def _reset_journal(self, mark: int) -> None:
-        """Make `mark`'s journal an empty one (atomically) and append to it from now on."""
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-        path = self._journal_path(mark)
-        head = np.array([mark, self._fill, self.row_len, self.dtype.itemsize], dtype="<i8")
-        atomic.write_bytes(path, _UNDO_MAGIC + head.tobytes())
-        self._journal = open(path, "ab")  # kept open for the epoch
-
-    def _read_journal(self, mark: int, where: str) -> np.ndarray:
-        path = self._journal_path(mark)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(_UNDO_HEADER)
-            size = path.stat().st_size
-        except OSError:
-            raise CptError(f"{where}: undo journal {path} is missing; cannot restore the rows "
-                           f"of an older state") from None
-        ok = len(head) == _UNDO_HEADER and head.startswith(_UNDO_MAGIC)
-        vals = np.frombuffer(head[len(_UNDO_MAGIC):], dtype="<i8") if ok else None
-        if vals is None or int(vals[0]) != mark or int(vals[2]) != self.row_len or \
-                int(vals[3]) != self.dtype.itemsize:
-            raise CptError(f"{where}: {path} is not an undo journal of this buffer")
-        n = (size - _UNDO_HEADER) // self._rec_dtype.itemsize  # a torn last record: row unwritten
-        if n == 0:
-            return np.empty(0, dtype=self._rec_dtype)
-        return np.memmap(path, dtype=self._rec_dtype, mode="r", offset=_UNDO_HEADER, shape=(n,))
-
-    def _drop_journals(self) -> None:
-        """Delete this shard's journals that are not in _marks (pruned, undone or stray)."""
-        keep = {self._journal_path(m).name for m in self._marks}
-        for p in self.directory.glob(f"shard-{self.shard:03d}.undo-*.bin*"):
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
 
     def set_owner(self, owner: dict | None) -> None:
         """Record which run writes this buffer (kept in the metadata file, see `peek`)."""
@@ -602,7 +764,8 @@ class ReplayBuffer:
         self.flush()
 
     def _write_meta(self, state: dict[str, Any]) -> None:
-        meta = {**state, "journals": list(self._marks), "owner": self.owner}
+        marks = self._journal.marks if self._journal is not None else []
+        meta = {**state, "journals": list(marks), "owner": self.owner}
         atomic.write_json(self._meta_path, meta, indent=None)
         self._meta_mark = int(state["mark"])
 
@@ -612,32 +775,33 @@ class ReplayBuffer:
         `keep_journals` epochs (>= 1; the current one included)."""
         if keep_journals < 1:
             raise ValueError(f"keep_journals must be >= 1, got {keep_journals}")
+        journal = self._journal
         with self._lock:
             self._mm.flush()
-            if self._capacity is None:
-                self._mark = self._offered
-            elif self._journal is None or self._offered != self._mark:
-                self._reset_journal(self._offered)  # before the metadata that names it
-                self._mark, self._mark_fill = self._offered, self._fill
-                self._journaled[:] = False
-                self._marks.append(self._mark)
-            self._marks = self._marks[-keep_journals:]
+            offered = self._table.offered
+            if journal is None:
+                self._mark = offered
+            else:
+                if not journal.is_open or offered != self._mark:
+                    journal.start(offered, self._table.fill)  # before the metadata that names it
+                    journal.marks.append(offered)
+                    self._mark = offered
+                journal.marks = journal.marks[-keep_journals:]
         self._write_meta(self.state_dict())
-        if self._capacity is not None:
+        if journal is not None:
             with self._lock:
-                self._drop_journals()
+                journal.drop_unlisted()
 
     def close(self) -> None:
         self.flush()
         with self._lock:
             if self._journal is not None:
                 self._journal.close()
-                self._journal = None
             del self._rows, self._mm
         self._close_fd()
 
     def __repr__(self) -> str:
-        return (f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self._fill}/"
+        return (f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self.fill}/"
                 f"{self._capacity or 'all'}, tasks={self.counts_per_task()})")
 
 

@@ -2,12 +2,13 @@
 
 The training loop draws replay slots in the main thread (deterministically) a couple of steps
 ahead, hands them to `ReplayPrefetcher.submit(step, slots)`, and collects the rows with
-`get(step)` when that step runs. One worker thread performs the reads in submission order.
+`get_arrays(step)` (numpy) or `get(step)` (torch, the same memory) when that step runs. One
+worker thread performs the reads in submission order and converts the rows to int64 there.
 Contract with `ReplayBuffer`: the prefetcher attaches itself to the buffer, and `buffer.add()`
 calls `barrier()` before it overwrites anything, so a read submitted before an add returns the
 rows as they were at submit time (never a partly written row, never a newer row); reads
-submitted after an add see the new rows. `wait_seconds` is the time `get()` spent blocked,
-which should stay near 0 once reads run ahead of the step.
+submitted after an add see the new rows. `wait_seconds` is the time `get_arrays()`/`get()`
+spent blocked, which should stay near 0 once reads run ahead of the step.
 """
 
 from __future__ import annotations
@@ -26,18 +27,14 @@ from cpt.replay.buffer import ReplayBuffer
 class ReplayPrefetcher:
     """Reads replay rows ahead in one daemon thread; use as a context manager or close()."""
 
-    def __init__(self, buffer: ReplayBuffer, device: torch.device | None = None,
-                 pin_memory: bool = False) -> None:
+    def __init__(self, buffer: ReplayBuffer) -> None:
         self.buffer = buffer
-        self.device = device
-        # pinning needs CUDA; without it a pinned copy would only cost time
-        self.pin_memory = bool(pin_memory and torch.cuda.is_available())
         self.wait_seconds = 0.0
         self.reads = 0
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, np.ndarray]] = deque()
-        self._done: dict[int, tuple[torch.Tensor, torch.Tensor] | Exception] = {}
-        self._keys: set[int] = set()  # submitted and not yet collected by get()
+        self._done: dict[int, tuple[np.ndarray, np.ndarray] | Exception] = {}
+        self._keys: set[int] = set()  # submitted and not yet collected
         self._pending = 0  # submitted and not yet read
         self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -58,8 +55,11 @@ class ReplayPrefetcher:
             self._pending += 1
             self._cv.notify_all()
 
-    def get(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows (int64, [n, row_len]) and task ids (int64, [n]) for `key`; blocks until read."""
+    def get_arrays(self, key: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (int64, [n, row_len]) and task ids (int64, [n]) for `key`; blocks until read.
+
+        The time blocked is added to `wait_seconds`. A read that failed raises its error here.
+        """
         with self._cv:
             if key not in self._keys:
                 raise KeyError(f"no replay read was submitted for key {key}")
@@ -71,11 +71,12 @@ class ReplayPrefetcher:
             self._keys.discard(key)
         if isinstance(result, Exception):
             raise result
-        rows, tids = result
-        if self.device is not None:
-            rows = rows.to(self.device, non_blocking=self.pin_memory)
-            tids = tids.to(self.device, non_blocking=self.pin_memory)
-        return rows, tids
+        return result
+
+    def get(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`get_arrays(key)` as CPU int64 tensors sharing the arrays' memory."""
+        rows, tids = self.get_arrays(key)
+        return torch.from_numpy(rows), torch.from_numpy(tids)
 
     def barrier(self) -> None:
         """Wait until every submitted read has completed (results stay available to get())."""
@@ -91,12 +92,10 @@ class ReplayPrefetcher:
                 if not self._queue:
                     return
                 key, slots = self._queue.popleft()
-            result: tuple[torch.Tensor, torch.Tensor] | Exception
+            result: tuple[np.ndarray, np.ndarray] | Exception
             try:
                 rows, tids = self.buffer.read(slots)
-                r = torch.from_numpy(rows.astype(np.int64))
-                t = torch.from_numpy(tids.astype(np.int64))
-                result = (r.pin_memory(), t.pin_memory()) if self.pin_memory else (r, t)
+                result = (rows.astype(np.int64), tids.astype(np.int64, copy=False))
             except Exception as e:  # noqa: BLE001 - get() re-raises it in the main thread
                 result = e
             with self._cv:
