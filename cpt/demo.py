@@ -17,13 +17,13 @@ and an interrupted one resumed, so the demo can be stopped and restarted.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 from cpt.config import validate
 from cpt.errors import CptError
+from cpt.runs import METRICS, WALL, Column, count, markdown_table, run_all
 
 HANDBOOK = Path(__file__).resolve().parent / "corpus" / "handbook"
 LANGS = ("en", "fr", "de", "ar", "ja")
@@ -76,26 +76,20 @@ def demo_config(strategy: str, quick: bool = False) -> dict:
 
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False, strategies: list[str] | None = None) -> dict[str, dict]:
+    # matplotlib comes with the report: imported here so that demo_config (read by `cpt sweep` and
+    # the benchmarks) does not load it
     from cpt.report import write_report
-    from cpt.training.loop import MARKER, train
 
     for lang in LANGS:
         if not (HANDBOOK / f"{lang}.txt.xz").is_file():
             raise CptError(f"{HANDBOOK / (lang + '.txt.xz')}: bundled corpus file missing (rebuild: python scripts/build_corpus.py)")
     names = strategies or list(STRATEGIES)
     out.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, dict] = {}
     t0 = time.perf_counter()
-    for i, name in enumerate(names, 1):
-        run_dir = out / name
-        print(f"== [{i}/{len(names)}] {name} ==", file=sys.stderr, flush=True)
-        if (run_dir / "summary.json").is_file() and not overwrite:
-            print(f"{run_dir}: finished earlier; skipped (--overwrite re-runs it)", file=sys.stderr)
-            summaries[name] = json.loads((run_dir / "summary.json").read_text())
-            continue
-        resume = (run_dir / MARKER).is_file() and not overwrite and not (run_dir / "summary.json").is_file()
-        cfg = None if resume else validate(demo_config(name, quick), f"demo:{name}")
-        summaries[name] = train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    # one failure stops the demo: its result is the comparison of all the strategies, and a failure
+    # of one of these fixed bundled runs (disk, memory) would most likely repeat in the next
+    runs = [(name, out / name, validate(demo_config(name, quick), f"demo:{name}")) for name in names]
+    summaries, _ = run_all(runs, overwrite=overwrite, what="demo")
     report = write_report([out / n for n in names], out / "report", title="cpt demo: " + " → ".join(LANGS))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     print(results_table(summaries))
@@ -103,19 +97,14 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, strategies
     return summaries
 
 
+COLUMNS = [
+    Column("demo_strategy", "strategy"),  # the demo's name for the run; the summary's own "strategy" is sequential or joint
+    *METRICS,
+    Column("tokens", "tokens new / replay", lambda t: f"{count(t['new'])} / {count(t['replay'])}"),
+    WALL,
+]
+
+
 def results_table(summaries: dict[str, dict]) -> str:
     """The Markdown table the README quotes."""
-
-    def f(x):
-        return "—" if x is None else f"{x:.3f}"
-
-    rows = [
-        "| strategy | forgetting | retained | learned | avg final | BWT | tokens new / replay | wall s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, s in summaries.items():
-        rows.append(
-            f"| {name} | {f(s['forgetting_score'])} | {f(s['retained_loss'])} | {f(s['learned_loss'])} | "
-            f"{f(s['avg_final_loss'])} | {f(s['bwt'])} | {s['tokens']['new']:,} / {s['tokens']['replay']:,} | {s['wall_seconds']:.0f} |"
-        )
-    return "\n".join(rows)
+    return markdown_table([{**s, "demo_strategy": name} for name, s in summaries.items()], COLUMNS)

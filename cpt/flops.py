@@ -65,10 +65,6 @@ def flops_per_token(shape: Shape, seq_len: int) -> int:
     return 6 * shape.matmul_params + 12 * shape.layers * seq_len * shape.d_attn
 
 
-def training_flops(shape: Shape, seq_len: int, tokens: int) -> int:
-    return flops_per_token(shape, seq_len) * int(tokens)
-
-
 def mfu(shape: Shape, seq_len: int, tokens_per_second: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""
     return flops_per_token(shape, seq_len) * tokens_per_second / peak_flops

@@ -27,7 +27,6 @@ import copy
 import csv
 import io
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any
 from cpt import atomic
 from cpt.config import RunConfig, apply_override, dump_config, parse_override, read_yaml_mapping, resolve_paths, validate
 from cpt.errors import CptError
+from cpt.runs import METRICS, WALL, Column, count, markdown_table, read_summary, run_all
 
 SWEEP_KEYS = {"name", "base", "set", "grid"}
 
@@ -130,8 +130,6 @@ def _parsed(key: str, value: Any) -> tuple[list[str], Any, str]:
 
 def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool = False, dry_run: bool = False) -> list[dict]:
     """Run every grid point not finished yet; write the table and the scaling report. Returns the rows."""
-    from cpt.training.loop import MARKER, train
-
     sweep = load_sweep(path)
     out = Path(out) if out else Path("runs") / sweep.name
     runs_dir = out / "runs"
@@ -148,48 +146,38 @@ def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool =
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "sweep.yaml", sweep.path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
-    failed = []
-    for i, r in enumerate(sweep.runs, 1):
-        run_dir = runs_dir / r.name
-        print(f"== [{i}/{len(sweep.runs)}] {r.name} ({time.perf_counter() - t0:.0f}s into the sweep) ==", file=sys.stderr, flush=True)
-        if (run_dir / "summary.json").is_file() and not overwrite:
-            print(f"{run_dir}: finished earlier; skipped", file=sys.stderr)
-            continue
-        resume = (run_dir / MARKER).is_file() and not overwrite
-        try:
-            train(None if resume else r.config, run_dir, resume=resume, overwrite=overwrite)
-        except CptError as err:  # one bad run does not lose the others
-            print(f"cpt: error: {r.name}: {err}", file=sys.stderr)
-            failed.append(r.name)
+    # one bad grid point (a combination that does not fit, say) does not lose the others
+    runs = [(r.name, runs_dir / r.name, r.config) for r in sweep.runs]
+    _, failed = run_all(runs, overwrite=overwrite, continue_on_error=True, what="sweep")
     rows = collect(sweep, runs_dir)
     write_tables(rows, out, sweep.grid)
+    # matplotlib comes with the report: imported here so that load_sweep and --dry-run do not load it
     from cpt.report.scaling import write_scaling_report
 
     files = write_scaling_report(rows, out / "scaling", title=f"cpt sweep: {sweep.name}")
     print(f"\nsweep finished in {time.perf_counter() - t0:.0f}s: {len(rows)} run(s) with results", file=sys.stderr)
-    print(markdown_table(rows))
+    print(markdown_table(rows, COLUMNS))
     print(f"\ntable: {out / 'sweep.csv'}\n       {out / 'sweep.md'}\nreport: {files['report.html']}")
     if failed:
         raise CptError(f"{len(failed)} run(s) failed: {', '.join(failed)} (the others are in the table)")
     return rows
 
 
+#: The columns of sweep.md and sweep.csv: what sets the run apart, its size and compute, its metrics
+#: (sweep.csv keeps the raw values, headed by the row keys).
 COLUMNS = [
-    ("run", "run"),
-    ("preset", "preset"),
-    ("parameters", "parameters"),
-    ("replay_rate", "replay rate"),
-    ("alignment", "alignment"),
-    ("seed", "seed"),
-    ("steps", "steps"),
-    ("tokens_new", "tokens new"),
-    ("tokens_replay", "tokens replay"),
-    ("flops", "training FLOPs"),
-    ("forgetting_score", "forgetting"),
-    ("retained_loss", "retained"),
-    ("learned_loss", "learned"),
-    ("avg_final_loss", "avg final"),
-    ("wall_seconds", "wall s"),
+    Column("run", "run"),
+    Column("preset", "preset"),
+    Column("parameters", "parameters", count),
+    Column("replay_rate", "replay rate", lambda v: f"{v:g}"),  # 0.25, not 0.250
+    Column("alignment", "alignment"),
+    Column("seed", "seed"),
+    Column("steps", "steps", count),
+    Column("tokens_new", "tokens new", count),
+    Column("tokens_replay", "tokens replay", count),
+    Column("flops", "training FLOPs", lambda v: f"{v:.3g}"),
+    *(c for c in METRICS if c.key != "bwt"),  # no BWT: sweep.csv keeps the columns that scripts read
+    WALL,
 ]
 
 
@@ -200,10 +188,7 @@ def collect(sweep: Sweep, runs_dir: Path) -> list[dict]:
         f = runs_dir / r.name / "summary.json"
         if not f.is_file():
             continue
-        try:
-            s = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            raise CptError(f"{f}: not valid JSON (delete the run directory to re-run it)") from None
+        s = read_summary(f)
         cfg = r.config
         rows.append(
             {
@@ -228,33 +213,12 @@ def collect(sweep: Sweep, runs_dir: Path) -> list[dict]:
     return rows
 
 
-def _fmt(key: str, v: Any) -> str:
-    if v is None:
-        return "—"
-    if key == "flops":
-        return f"{v:.3g}"
-    if key in ("parameters", "tokens_new", "tokens_replay", "steps"):
-        return f"{int(v):,}"
-    if key == "wall_seconds":
-        return f"{v:.0f}"
-    if isinstance(v, float):
-        return f"{v:.3f}" if key != "replay_rate" else f"{v:g}"
-    return str(v)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
 def write_tables(rows: list[dict], out: Path, grid: dict) -> None:
     extra = [f"grid:{k}" for k in grid]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for k, _ in COLUMNS] + extra, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=[c.key for c in COLUMNS] + extra, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
     atomic.write_text(out / "sweep.csv", buf.getvalue())
-    atomic.write_text(out / "sweep.md", markdown_table(rows) + "\n")
+    atomic.write_text(out / "sweep.md", markdown_table(rows, COLUMNS) + "\n")

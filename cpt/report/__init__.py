@@ -5,7 +5,9 @@ loss matrix, `metrics.jsonl` for evaluations and gradient-alignment probes acros
 draws the figures with `plots`, assembles the document once as neutral blocks and renders it
 with `render` to `report.md` (PNG files linked by relative name) and `report.html` (PNGs
 embedded). A run the user points at that lacks or garbles `summary.json` is a `CptError`;
-`metrics.jsonl` is optional and may end in a line cut off by a killed run.
+`metrics.jsonl` is optional and may end in a line cut off by a killed run. The metric columns
+(which, in which order, under which names) are `cpt.runs.METRICS`, shared with the tables of
+`cpt demo` and `cpt sweep`.
 """
 
 from __future__ import annotations
@@ -31,17 +33,9 @@ from cpt.report.render import (
     to_html,
     to_markdown,
 )
+from cpt.runs import METRICS
 
 __all__ = ["Run", "load_run", "write_report"]
-
-#: summary key -> table header, for the columns where lower is better.
-METRICS = {
-    "forgetting_score": "forgetting",
-    "retained_loss": "retained loss",
-    "learned_loss": "learned loss",
-    "avg_final_loss": "avg final loss",
-    "bwt": "BWT",
-}
 
 HOW_TO_READ = [
     (
@@ -197,7 +191,7 @@ def load_run(path: Path) -> Run:
             f"(one column per task)"
         ) from None
     for key in [
-        *METRICS,
+        *(c.key for c in METRICS),
         "wall_seconds",
         "tokens_per_second",
         "replay_rate",
@@ -264,7 +258,7 @@ def _table(runs: list[Run]) -> Table:
     header = [
         "run",
         "strategy",
-        *METRICS.values(),
+        *(c.long for c in METRICS),
         "tokens new / replay",
         *(["meta-updates"] if with_meta else []),
         "wall time (s)",
@@ -280,7 +274,7 @@ def _table(runs: list[Run]) -> Table:
             [
                 r.name,
                 str(r.summary.get("strategy", "—")),
-                *(r.metric(k) for k in METRICS),
+                *(r.metric(c.key) for c in METRICS),  # numbers: the renderer bolds the best
                 f"{_tokens(tok.get('new'))} / {_tokens(tok.get('replay', 0))}",
                 *([str(meta) if meta is not None else "—"] if with_meta else []),
                 "—" if wall is None else f"{wall:.1f}",
@@ -393,11 +387,7 @@ def write_report(
             "forgetting, learned loss and average final loss per run",
             plots.compare_bars,
             names,
-            {
-                "forgetting": [r.metric("forgetting_score") for r in runs],
-                "learned loss": [r.metric("learned_loss") for r in runs],
-                "avg final loss": [r.metric("avg_final_loss") for r in runs],
-            },
+            {c.long: [r.metric(c.key) for r in runs] for c in METRICS if c.key in ("forgetting_score", "learned_loss", "avg_final_loss")},
         ),
     ]
 
