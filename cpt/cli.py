@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from cpt.training.loop import ensure_threads, train
+    from cpt.training.device import ensure_threads
+    from cpt.training.loop import train
 
     ensure_threads()
     # every positional token as typed: argparse puts the first one in `config` even when it is an override
@@ -139,7 +140,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from cpt.training.loop import ensure_threads, evaluate_checkpoint
+    from cpt.training.device import ensure_threads
+    from cpt.training.evaluator import evaluate_checkpoint
 
     ensure_threads()
     if args.lm_eval is not None:
@@ -178,7 +180,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_import(args) -> int:
     from cpt.hf_io import import_gguf
-    from cpt.training.loop import ensure_threads
+    from cpt.training.device import ensure_threads
 
     ensure_threads()
     out = import_gguf(args.source, args.out, overwrite=args.overwrite)
@@ -198,7 +200,7 @@ def _cmd_report(args) -> int:
 
 def _cmd_demo(args) -> int:
     from cpt.demo import run_demo
-    from cpt.training.loop import ensure_threads
+    from cpt.training.device import ensure_threads
 
     ensure_threads()
     run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_import(args)
         if args.command == "sweep":
             from cpt.sweep import run_sweep
-            from cpt.training.loop import ensure_threads
+            from cpt.training.device import ensure_threads
 
             ensure_threads()
             run_sweep(args.sweep_file, args.out, overwrite=args.overwrite, dry_run=args.dry_run)
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        from cpt.training.loop import PREEMPTED_EXIT_CODE, Preempted
+        from cpt.training.signals import PREEMPTED_EXIT_CODE, Preempted
 
         if isinstance(err, Preempted):
             print(f"cpt: {err}", file=sys.stderr)

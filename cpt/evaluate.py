@@ -20,7 +20,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from cpt.training.device import precision
+from cpt.training.loss import token_cross_entropy
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -189,14 +191,14 @@ def heldout_loss(
     model.eval()
     total, count = 0.0, 0
     n_batches = math.ceil(len(windows) / batch_size)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with precision(device, autocast_dtype):
         for _ in range(n_batches, min_batches):
             model(input_ids=torch.from_numpy(pad[:, :-1]).to(device))
     for start in range(0, len(windows), batch_size):
         rows = torch.from_numpy(windows[start : start + batch_size]).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with precision(device, autocast_dtype):
             logits = model(input_ids=rows[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1), reduction="sum")
+        loss = token_cross_entropy(logits, rows[:, 1:], reduction="sum")
         total += float(loss)
         count += rows[:, 1:].numel()
     model.train(was_training)

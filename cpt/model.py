@@ -90,6 +90,28 @@ def load_model(path: str | Path, attn: str = "sdpa") -> torch.nn.Module:
         raise CptError(f"{path}: cannot load the checkpoint: {str(err).splitlines()[0]}") from None
 
 
+def model_for(cfg, vocab_size: int, eos_id: int) -> torch.nn.Module:
+    """The model a run config describes: `model.init` loaded, or a fresh `model.preset` (fp32, on CPU)."""
+    if cfg.model.init:
+        model = load_model(cfg.model.init, cfg.model.attn_implementation)
+    else:
+        model = build_model(cfg.model.preset, vocab_size, eos_id, cfg.training.seq_len, cfg.seed, cfg.model.attn_implementation)
+    if cfg.training.seq_len > max_positions(model):
+        raise CptError(f"training.seq_len: {cfg.training.seq_len} exceeds the model's {max_positions(model)} positions")
+    return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' own, non-reentrant)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise CptError(f"training.activation_checkpointing: {type(model).__name__} does not support it")
+    # transformers checkpoints each layer's forward (module hooks such as FSDP2's stay outside it)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def max_positions(model: torch.nn.Module) -> int:
     return int(getattr(model.config, "max_position_embeddings", 1 << 30))
 

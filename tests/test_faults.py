@@ -13,7 +13,7 @@ import yaml
 import cpt
 from cpt.config import validate
 from cpt.errors import CptError
-from cpt.training.loop import PREEMPTED_EXIT_CODE
+from cpt.training.signals import PREEMPTED_EXIT_CODE
 from tests.conftest import tiny_config
 
 

@@ -13,7 +13,7 @@ import cpt
 from cpt.config import validate
 from cpt.errors import CptError
 from cpt.evaluate import eval_windows, heldout_loss
-from cpt.training.loop import evaluate_checkpoint
+from cpt.training.evaluator import evaluate_checkpoint
 from tests.conftest import tiny_config
 
 SUMMARY_FIELDS = {

@@ -20,6 +20,8 @@ moments are left untouched at a meta-update, as in the paper.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -95,3 +97,49 @@ class Reptile:
             a.copy_(saved)
         self.steps_since_anchor = int(state["steps_since_anchor"])
         self.meta_updates = int(state["meta_updates"])
+
+
+class MetaUpdates:
+    """Reptile as an after-step hook (cpt.training.hooks): k counted inside, and a meta-update at task ends.
+
+    With `at_task_end` (alignment.task_end_update) a task end that falls between two k-multiples
+    meta-updates too, so the loss-matrix row and the task checkpoint hold interpolated weights.
+    Under FSDP2 each rank's anchor shard is written to its own file (`save_shard` / `load_shard`).
+    """
+
+    name = "reptile"
+
+    def __init__(self, reptile: Reptile, task_ends: list[int], at_task_end: bool, sharded: bool = False):
+        self.reptile = reptile
+        self.task_ends = set(task_ends)
+        self.at_task_end = at_task_end
+        self.sharded = sharded
+
+    @property
+    def meta_updates(self) -> int:
+        return self.reptile.meta_updates
+
+    def after_step(self, step: int, skipped: bool = False) -> list[dict]:
+        records = []
+        if not skipped and self.reptile.after_step():
+            records.append({"type": "meta_update", "step": step + 1, "count": self.reptile.meta_updates})
+        if step + 1 in self.task_ends and self.at_task_end and self.reptile.steps_since_anchor:
+            self.reptile.meta_update()
+            records.append({"type": "meta_update", "step": step + 1, "count": self.reptile.meta_updates, "task_end": True})
+        return records
+
+    def state_dict(self) -> dict:
+        return self.reptile.state_dict(anchor=not self.sharded)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None and state.get("anchor") is not None:
+            self.reptile.load_state_dict(state)
+
+    def save_shard(self, directory: Path, rank: int) -> None:
+        if self.sharded:
+            torch.save(self.reptile.state_dict()["anchor"], directory / f"anchor-rank{rank}.pt")
+
+    def load_shard(self, state: dict | None, directory: Path, rank: int, load) -> None:
+        """Under FSDP2: this rank's anchor from its file (`load` reads it safely), then the rest of `state`."""
+        if self.sharded and state is not None:
+            self.reptile.load_state_dict({**state, "anchor": load(directory / f"anchor-rank{rank}.pt")})

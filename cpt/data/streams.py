@@ -77,7 +77,6 @@ class JointStream:
         w = np.asarray(weights, dtype=np.float64)
         self.p = w / w.sum()
         self.rng = np.random.default_rng([seed, 104729, rank])
-        self.last_sources: np.ndarray = np.zeros(0, dtype=np.int64)
 
     def next_rows(self, n: int) -> np.ndarray:
         src = self.rng.choice(len(self.streams), size=n, p=self.p)
@@ -85,7 +84,6 @@ class JointStream:
         for s in np.unique(src):
             idx = np.nonzero(src == s)[0]
             rows[idx] = self.streams[s].next_rows(len(idx))
-        self.last_sources = src
         return rows
 
     def state_dict(self) -> dict:

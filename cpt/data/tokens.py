@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cpt import atomic
+from cpt.config import TaskConfig
 from cpt.data.readers import ReadStats, content_fingerprint, detect_format, iter_documents
 from cpt.data.tokenizer import TextTokenizer
 from cpt.errors import CptError
@@ -168,6 +168,15 @@ def prepare_task(
     return TaskTokens(name, train, val, directory, meta)
 
 
+def prepare_for(task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key_of_source: str | None = None) -> TaskTokens:
+    """`prepare_task` for one configured task (`tasks.N` of a run config)."""
+    extra = {"log": log} if log is not None else {}
+    return prepare_task(
+        task.name, task.path, tok, cache, fmt=task.format, text_field=task.text_field, val_fraction=task.val_fraction,
+        key_of_source=key_of_source, **extra
+    )
+
+
 def check_token_range(task: TaskTokens, vocab_size: int) -> None:
     """Ids beyond the model's embedding table would crash deep inside the model; say so up front."""
     for split, arr in (("train", task.train), ("val", task.val)):
@@ -177,7 +186,3 @@ def check_token_range(task: TaskTokens, vocab_size: int) -> None:
                 f"task {task.name!r}: token id {top} in {task.directory / (split + '.bin')} is outside the "
                 f"model's vocabulary ({vocab_size}); use the model's own tokenizer"
             )
-
-
-def default_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

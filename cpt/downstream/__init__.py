@@ -28,6 +28,7 @@ from pathlib import Path
 from cpt import atomic
 from cpt.downstream import cloze
 from cpt.errors import CptError
+from cpt.training.rundir import RunDir, open_run
 
 LM_EVAL_PIP = "pip install 'cpt[lm-eval]'"
 #: per benchmark, the metric a table shows first (the first of these the results have)
@@ -114,16 +115,13 @@ def _quiet():
 
 def default_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:
     """(label, HF directory) of what a run can be scored on: its model.init, every task end, final."""
-    from cpt.config import load_config
-    from cpt.hf_io import run_checkpoints
-
+    run = RunDir(Path(run_dir))
     out: list[tuple[str, Path]] = []
-    if (run_dir / "config.yaml").is_file():
-        init = load_config(run_dir / "config.yaml").model.init
+    if (run.path / "config.yaml").is_file():
+        init = run.config().model.init
         if init and (Path(init) / "config.json").is_file():
             out.append(("init", Path(init)))
-    hf, _ = run_checkpoints(run_dir)
-    out += [(name, run_dir / "checkpoints" / name) for name in hf]
+    out += [(name, run.checkpoints / name) for name in run.hf_checkpoints()]
     return out
 
 
@@ -186,19 +184,17 @@ def evaluate_run(
     merges it into RUN_DIR/summary.json. `checkpoints` default: init (if any), every task end, final."""
     import torch
 
-    from cpt.config import load_config
     from cpt.data.tokenizer import cache_root
     from cpt.model import load_model
-    from cpt.training.loop import resolve_device
+    from cpt.training.device import resolve_device
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CptError(f"{run_dir}: not a cpt run directory (no config.yaml)")
+    run = open_run(run_dir)
+    run_dir = run.path
+    cfg = run.config()
     require_lm_eval()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per checkpoint; lm-eval draws the useful ones
-    cfg = load_config(run_dir / "config.yaml")
     if checkpoints:
         targets = []
         for name in checkpoints:

@@ -7,15 +7,14 @@ replayed: the realised fraction is α up to 1/(B·S). The batch never grows: rep
 new ones, and a task runs until its budget of NEW tokens is met (so replay adds compute).
 
 `MixedBatchSource` is the loop's batch seam: `next_batch(step)` returns the step's rows (new rows
-from the task stream, replayed rows from the buffer), and `after_step()` offers the new rows to
-the buffer. Replay slots for step s+2 are drawn (in the main thread, deterministically) right
+from the task stream, replayed rows from the buffer), and `after_step()` (the first after-step
+hook, cpt.training.hooks) offers the new rows to the buffer. Replay slots for step s+2 are drawn (in the main thread, deterministically) right
 after step s's rows were stored, and read by the prefetch thread while step s+1 computes.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,6 +105,8 @@ class MixedBatchSource:
     """New rows from the task streams, a planned number of replayed rows from the buffer."""
 
     LOOKAHEAD = 2
+    name = "sources"  # as an after-step hook and a checkpointed part (one state per rank)
+    per_rank = True  # each rank's streams and buffer shard: a checkpoint keeps one state per rank
 
     def __init__(
         self,
@@ -130,12 +131,19 @@ class MixedBatchSource:
         self.ready: dict[int, np.ndarray] = {}  # step -> rows drawn and read
         self.stats = ReplayStats([0] * len(plan.task_ends), [0] * len(plan.task_ends))
         self._new_rows: np.ndarray | None = None
+        self._counts = (0, 0)
         self._task: int = 0
         self.wait_seconds = 0.0
 
+    def eligible_tasks(self, task: int) -> list[int]:
+        """The buffer's task ids replayable while training task `task` (the probe draws from the same)."""
+        return self._eligible(task)
+
     def _eligible(self, task: int) -> list[int]:
-        top = self.task_offset + task
-        return list(range(top + 1 if self.include_current else top))
+        """Stored task ids that task `task` replays (ReplayBuffer.eligible; none without a buffer)."""
+        if self.buffer is None:
+            return []
+        return self.buffer.eligible(task, self.include_current, self.task_offset)
 
     def _draw(self, step: int) -> None:
         """Choose replay slots for `step` from the buffer as it is now, and start reading them.
@@ -149,7 +157,7 @@ class MixedBatchSource:
         if n == 0:
             return
         task = self.plan.task_of_step[step]
-        eligible = [t for t in self._eligible(task) if self.buffer.counts_per_task().get(t, 0) > 0]
+        eligible = self._eligible(task)
         if not eligible:
             self.ready[step] = np.zeros((0, 0), dtype=np.int64)  # nothing eligible yet: all rows new
             return
@@ -170,10 +178,10 @@ class MixedBatchSource:
             return self.ready.pop(step)
         if step in self.pending:
             self.pending.pop(step)
-            t0 = time.perf_counter()
-            rows_t, _ = self.prefetcher.get(step)
-            self.wait_seconds += time.perf_counter() - t0
-            return rows_t.to(torch.int64).cpu().numpy()
+            waited = self.prefetcher.wait_seconds  # the prefetcher times the wait; accumulated here across resumes
+            rows, _ = self.prefetcher.get_arrays(step)
+            self.wait_seconds += self.prefetcher.wait_seconds - waited
+            return rows.astype(np.int64, copy=False)
         return None
 
     def start(self, step: int) -> None:
@@ -195,22 +203,22 @@ class MixedBatchSource:
         self._new_rows = new
         self.stats.new_rows[task] += n_new
         self.stats.replay_rows[task] += n_replay
+        self._counts = (n_new, n_replay)
         rows = new if replay is None else np.concatenate([new, replay.astype(np.int64)], axis=0)
         return torch.from_numpy(rows), n_new, n_replay
 
-    def after_step(self, step: int) -> None:
-        """Offer the step's new rows to the buffer, then draw replay for step + LOOKAHEAD."""
-        if self.buffer is not None and self._new_rows is not None:
+    def after_step(self, step: int, skipped: bool = False) -> list[dict]:
+        """The after-step hook (cpt.training.hooks): offer the step's new rows to the buffer, then draw
+        replay for step + LOOKAHEAD. A skipped batch (NaN/Inf loss) is neither stored nor counted."""
+        if skipped:
+            n_new, n_replay = self._counts
+            self.stats.new_rows[self._task] -= n_new
+            self.stats.replay_rows[self._task] -= n_replay
+        elif self.buffer is not None and self._new_rows is not None:
             self.buffer.add(self._new_rows, self.task_offset + self._task)
         self._new_rows = None
         self._draw(step + self.LOOKAHEAD)
-
-    def skip_step(self, step: int, n_new: int, n_replay: int) -> None:
-        """The step's batch was not trained on (NaN/Inf loss): its rows are neither stored nor counted."""
-        self.stats.new_rows[self._task] -= n_new
-        self.stats.replay_rows[self._task] -= n_replay
-        self._new_rows = None
-        self._draw(step + self.LOOKAHEAD)
+        return []
 
     def state_dict(self) -> dict:
         """Tensors and plain Python values only (no numpy objects): a checkpoint is read back with

@@ -1,7 +1,9 @@
 """Resumable checkpoints: written whole or not at all, verified before use.
 
-A checkpoint is a directory `checkpoints/step-<N>/` holding `state.pt` (model, optimizer, RNGs,
-data positions, replay-buffer metadata, Reptile anchor, the loss matrix so far) and
+A checkpoint is a directory `checkpoints/step-<N>/` holding `state.pt` — a registry of the run's
+stateful parts, `{"progress": Progress, "model": …, "optimizer": …, "rngs": [per rank], <hook
+name>: hook.state_dict() …}` (the batch source's state per rank: data positions, drawn replay
+rows, buffer metadata; Reptile's anchor and counters; the probe's readers) — and
 `manifest.json` with a sha256 per file. Under FSDP2 the model and optimizer shards are in
 `dcp/` (torch distributed checkpoint, one file per rank) and each rank's Reptile anchor shard in
 `anchor-rank<r>.pt`; the manifest covers them too. It is written under a temporary name and renamed into
@@ -16,6 +18,7 @@ import hashlib
 import json
 import re
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,26 @@ from cpt import atomic
 from cpt.errors import CptError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Progress:
+    """How far a run got: the one record of the loop's own counters in a checkpoint."""
+
+    step: int = 0
+    loss_matrix: list[list[float]] = field(default_factory=list)
+    wall_seconds: float = 0.0  # wall time of this run's earlier processes (before a resume)
+    train_seconds: float = 0.0  # inside training steps only
+    nan_skipped: int = 0
+    trained_tokens: int = 0  # this rank's
+    metrics_offset: int = 0  # metrics.jsonl is truncated to it on resume
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        return cls(**{k: state[k] for k in cls.__dataclass_fields__ if k in state})
 
 
 def _sha256(path: Path) -> str:

@@ -1,21 +1,21 @@
-"""Training-step speed-ups for the loop, each measured on a 2-core CPU (see docs/throughput.md).
+"""The one next-token loss of cpt: plain, and fused + chunked for training.
 
-- `causal_lm_loss`: the next-token loss from the hidden states with the lm_head matmul and the
+- `token_cross_entropy(logits, targets, reduction)`: cross-entropy of [.., V] logits (cast to fp32)
+  against next-token targets; evaluation (`reduction="sum"`), the gradient probe and the plain
+  training path all use it.
+- `causal_lm_loss`: the training loss from the hidden states with the lm_head matmul and the
   cross-entropy fused and chunked over tokens. The plain path materialises the [tokens, vocab]
   logits, keeps them and their log-softmax for the backward (2 × 64 MiB at 2048 tokens × 8192
   vocab in fp32), and streams them through memory ~6 times; here each chunk's logits are turned
   into the gradient (softmax − one-hot) while they are still in cache, and the lm_head backward
   matmuls run right away, so nothing of size [tokens, vocab] outlives a chunk. Same mean loss
-  and gradients as `F.cross_entropy(model(ids).logits.float()...)` to float rounding.
-- `make_adamw`: `torch.optim.AdamW` with `fused=True` on CPU as well as CUDA (one kernel over
-  all parameters instead of ~10 tensor ops per parameter tensor).
-- `configure_cpu`: flush denormals to zero (a denormal operand costs ~100 cycles on x86, and
-  small-init models, Adam's second moments and decayed weights produce them).
+  and gradients as the plain path to float rounding.
+- `NextTokenLoss`: that loss as a module, which is what DDP wraps (cpt.training.parallel).
 
 Measured on the demo model (4 × 256, vocab 8192, 8 × 256 tokens per step, 2 threads), steady
-state vs the loop's plain step: fused loss +5.6 %, + fused AdamW +7.7 %, + `torch.compile` of the
-decoder body (`causal_lm_loss(..., body=torch.compile(model.model))`) +14 % after a one-off
-~15 s compile; flush-denormal ±0 on fresh data (insurance only).
+state vs the loop's plain step: fused loss +5.6 %, + fused AdamW (cpt.training.optim) +7.7 %,
++ `torch.compile` of the decoder body (`causal_lm_loss(..., body=torch.compile(model.model))`)
++14 % after a one-off ~15 s compile (docs/throughput.md).
 """
 
 from __future__ import annotations
@@ -26,37 +26,9 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 256
 
 
-def configure_cpu() -> None:
-    """Process-wide CPU math settings for training: flush denormals to zero.
-
-    Denormal (subnormal) floats take a microcode slow path on x86: a training loop whose values
-    drift into that range runs many times slower (seen as 10× on a loop that repeats one batch).
-    Flushing them changes results only below ~1e-38 in fp32. No-op where unsupported.
-    """
-    torch.set_flush_denormal(True)
-
-
-def _fused_adamw_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:  # fused AdamW on CPU arrived in torch 2.4
-        p = torch.nn.Parameter(torch.zeros(2))
-        p.grad = torch.ones(2)
-        torch.optim.AdamW([p], lr=1e-3, fused=True).step()
-        return True
-    except (RuntimeError, TypeError, ValueError):
-        return False
-
-
-def make_adamw(param_groups, device: torch.device, **kwargs) -> torch.optim.AdamW:
-    """AdamW, fused (one multi-tensor kernel) wherever this torch supports it, CPU included.
-
-    The fused and the per-tensor implementations compute the same update; fused avoids ~10
-    separate elementwise passes (and their temporaries) per parameter tensor each step.
-    """
-    return torch.optim.AdamW(param_groups, fused=_fused_adamw_ok(torch.device(device)), **kwargs)
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of `logits` [..., V] (computed in fp32) against `targets` [...] (int64)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -143,8 +115,7 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: tor
     `torch.compile`d one to compile it). Models `supports_fused_loss` rejects use the plain path.
     """
     if not supports_fused_loss(model):
-        logits = model(input_ids=input_ids).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return token_cross_entropy(model(input_ids=input_ids).logits, targets)
     base = getattr(model, "_orig_mod", model)
     body = body if body is not None else base.model
     hidden = body(input_ids=input_ids).last_hidden_state

@@ -1,0 +1,81 @@
+"""Held-out evaluation of a run: the fixed sets, when to evaluate, and re-evaluating a saved checkpoint.
+
+Every task's held-out set is fixed at the start (`cpt.evaluate.eval_windows`: windows spread over
+the whole validation split); what each covers is logged and goes into summary.json. The run
+evaluates every task at step 0, every `training.eval_every` steps and at each task end (the rows
+of the loss matrix): `Evaluator.should_evaluate` decides. Under torchrun each rank evaluates every
+world-th window and the sums are all-reduced; under FSDP2 every rank runs as many forward passes as
+the one with the most (each forward is collective). `evaluate_checkpoint` recomputes the same
+losses for an HF checkpoint a run saved (`cpt eval`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cpt import evaluate
+from cpt.config import TrainingConfig
+from cpt.data.tokenizer import cache_root, load_tokenizer
+from cpt.data.tokens import TaskTokens, prepare_for
+from cpt.errors import CptError
+from cpt.model import load_model
+from cpt.training import distributed
+from cpt.training.device import resolve_device
+from cpt.training.parallel import OneProcess
+from cpt.training.rundir import open_run
+
+
+class Evaluator:
+    """The run's held-out sets and their evaluation (see the module docstring)."""
+
+    def __init__(self, tasks: list[TaskTokens], tr: TrainingConfig, parallel: OneProcess, eos_id: int, rank: int, world: int, log):
+        self.names = [t.name for t in tasks]
+        self.sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in tasks]
+        self.coverage = [evaluate.heldout_coverage(t.val, tr.seq_len, tr.eval_tokens, eos_id) for t in tasks]
+        for name, c in zip(self.names, self.coverage):
+            log(f"held-out {name}: {evaluate.describe_coverage(c)}")
+        self.every = tr.eval_every
+        self.batch_size = tr.eval_batch_size
+        self.parallel = parallel
+        self.rank, self.world = rank, world
+
+    def should_evaluate(self, step: int, task_end: bool) -> bool:
+        return task_end or bool(self.every and step % self.every == 0)
+
+    def evaluate_all(self) -> dict[str, float]:
+        p = self.parallel
+        losses = {}
+        for name, windows in zip(self.names, self.sets):
+            mine = windows[self.rank :: self.world]  # each rank evaluates its share; sums are reduced
+            batches = p.eval_min_batches(len(windows), self.batch_size)
+            total, count = (
+                evaluate.heldout_loss(p.forward_model, mine, self.batch_size, p.device, p.autocast_dtype, min_batches=batches, pad=windows[:1])
+                if len(mine) or batches
+                else (0.0, 0)
+            )
+            total, count = distributed.all_reduce_sum([total, count], p.device)
+            losses[name] = total / max(count, 1)
+        return losses
+
+    def summary(self) -> dict:
+        return dict(zip(self.names, self.coverage))
+
+
+def evaluate_checkpoint(run_dir: str | Path, checkpoint: str = "final") -> dict[str, float]:
+    """Held-out loss of a saved HF checkpoint of a run on every task (the same fixed sets as training)."""
+    run = open_run(run_dir)
+    cfg = run.config()
+    directory = run.checkpoints / checkpoint
+    if not (directory / "config.json").is_file():
+        raise CptError(f"{directory}: no such HF checkpoint; have {sorted(run.hf_checkpoints()) or 'none'}")
+    device, autocast_dtype = resolve_device(cfg)
+    tok = load_tokenizer(directory)
+    cache = cache_root(cfg.cache_dir)
+    model = load_model(directory, cfg.model.attn_implementation).to(device)
+    out = {}
+    for t in cfg.tasks:
+        task = prepare_for(t, tok, cache)
+        windows = evaluate.eval_windows(task.val, cfg.training.seq_len, cfg.training.eval_tokens)
+        total, count = evaluate.heldout_loss(model, windows, cfg.training.eval_batch_size, device, autocast_dtype)
+        out[t.name] = total / max(count, 1)
+    return out
