@@ -217,7 +217,7 @@ def _child_train(cfg: dict, run_dir: str, log_path: str, threads: int | None) ->
     from cpt.config import validate
     from cpt.errors import CptError
     from cpt.training.device import ensure_threads
-    from cpt.training.loop import train
+    from cpt.training.launch import train
 
     if threads:
         torch.set_num_threads(threads)

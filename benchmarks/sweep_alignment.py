@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpt.config import validate  # noqa: E402
 from cpt.demo import demo_config  # noqa: E402
-from cpt.training.loop import train  # noqa: E402
+from cpt.training.launch import train  # noqa: E402
 
 
 def run(cfg: dict, out: Path) -> dict:

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 def train(config, out, **kwargs) -> dict:
     """Run a config (a path or a `cpt.config.RunConfig`) into `out`; returns the summary dict."""
-    from cpt.training.loop import train as _train
+    from cpt.training.launch import train as _train
 
     return _train(config, out, **kwargs)
 

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from cpt.training.device import ensure_threads
-    from cpt.training.loop import train
+    from cpt.training.launch import train
 
     ensure_threads()
     # every positional token as typed: argparse puts the first one in `config` even when it is an override

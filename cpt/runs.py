@@ -89,7 +89,7 @@ def run_all(
     in the progress lines ("demo", "sweep")."""
     # torch comes with the training loop; imported here so that `cpt report`, which reads the
     # columns above, does not load it
-    from cpt.training.loop import MARKER, train
+    from cpt.training.launch import MARKER, train
 
     summaries: dict[str, dict] = {}
     failed: list[str] = []

@@ -5,70 +5,72 @@ from pathlib import Path
 
 import pytest
 
-import cpt.training.loop
+from cpt.config import validate
 from cpt.demo import results_table
 from cpt.errors import CptError
 from cpt.runs import METRICS, markdown_table, run_all
 from cpt.sweep import COLUMNS as SWEEP_COLUMNS
-from cpt.training.loop import MARKER
+from cpt.training.rundir import MARKER
+from tests.conftest import tiny_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Replace training with a stub that records its calls and fails for a run named `bad`."""
-    made = []
-
-    def train(config, out, *, resume=False, overwrite=False):
-        made.append((out.name, config, resume, overwrite))
-        if out.name == "bad":
-            raise CptError("boom")
-        return {"run": out.name}
-
-    monkeypatch.setattr(cpt.training.loop, "train", train)
-    return made
+def _config(small_texts, **extra):
+    cfg = tiny_config(small_texts, checkpoint={"every": 4, "task_ends": False}, **extra)
+    for t in cfg["tasks"]:
+        t["tokens"] = 3_000
+    return validate(cfg)
 
 
-def _dirs(tmp_path):
-    (tmp_path / "done").mkdir()
-    (tmp_path / "done" / "summary.json").write_text(json.dumps({"run": "done", "avg_final_loss": 1.5}))
-    (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / MARKER).write_text("{}")
-    return [(name, tmp_path / name, f"config of {name}") for name in ("done", "cut", "new")]
+def _dirs(tmp_path, small_texts):
+    """Three real runs: `done` finished, `cut` interrupted after a checkpoint, `new` not started."""
+    cfg = _config(small_texts)
+    run_all([("done", tmp_path / "done", cfg), ("cut", tmp_path / "cut", cfg)])
+    (tmp_path / "cut" / "summary.json").unlink()  # as if killed after its last checkpoint
+    return [(name, tmp_path / name, cfg) for name in ("done", "cut", "new")]
 
 
-def test_skips_finished_resumes_interrupted_and_trains_the_rest(tmp_path, calls, capsys):
-    summaries, failed = run_all(_dirs(tmp_path), what="demo")
-    assert calls == [("cut", None, True, False), ("new", "config of new", False, False)]  # resumed with its own saved config
-    assert summaries == {"done": {"run": "done", "avg_final_loss": 1.5}, "cut": {"run": "cut"}, "new": {"run": "new"}}
-    assert failed == []
+def test_skips_finished_resumes_interrupted_and_trains_the_rest(tmp_path, small_texts, capsys):
+    runs = _dirs(tmp_path, small_texts)
+    done_before = (tmp_path / "done" / "summary.json").read_bytes()
+    capsys.readouterr()
+    summaries, failed = run_all(runs, what="demo")
     err = capsys.readouterr().err
-    assert "== [1/3] done (0s into the demo) ==" in err and err.count("finished earlier; skipped") == 1
+    assert failed == [] and list(summaries) == ["done", "cut", "new"]
+    assert (tmp_path / "done" / "summary.json").read_bytes() == done_before  # skipped, not re-trained
+    assert err.count("finished earlier; skipped") == 1 and "resumed at step" in err  # cut continued from its checkpoint
+    assert summaries["cut"]["loss_matrix"] == summaries["new"]["loss_matrix"] == summaries["done"]["loss_matrix"]
+    assert "== [1/3] done (0s into the demo) ==" in err
 
 
-def test_overwrite_trains_every_run_from_its_config(tmp_path, calls):
-    run_all(_dirs(tmp_path), overwrite=True)
-    assert calls == [(n, f"config of {n}", False, True) for n in ("done", "cut", "new")]
+def test_overwrite_trains_every_run_from_its_config(tmp_path, small_texts, capsys):
+    runs = _dirs(tmp_path, small_texts)
+    ids = {n: json.loads((d / MARKER).read_text())["run_id"] for n, d, _ in runs[:2]}
+    capsys.readouterr()
+    run_all(runs, overwrite=True)
+    assert "skipped" not in capsys.readouterr().err
+    assert all(json.loads((d / MARKER).read_text())["run_id"] != ids[n] for n, d, _ in runs[:2])  # new runs, not resumed
 
 
-def test_an_error_stops_the_runs_unless_told_to_go_on(tmp_path, calls, capsys):
-    runs = [(name, tmp_path / name, None) for name in ("a", "bad", "c")]
-    with pytest.raises(CptError, match="boom"):
+def test_an_error_stops_the_runs_unless_told_to_go_on(tmp_path, small_texts, capsys):
+    good = _config(small_texts)
+    bad = _config({**small_texts, "fr": tmp_path / "missing.txt"})  # fails when its data is read, before anything is written
+    runs = [("a", tmp_path / "a", good), ("bad", tmp_path / "bad", bad), ("c", tmp_path / "c", good)]
+    with pytest.raises(CptError, match="missing.txt"):
         run_all(runs)
-    assert [c[0] for c in calls] == ["a", "bad"]
-    calls.clear()
+    assert not (tmp_path / "c").exists()
     summaries, failed = run_all(runs, continue_on_error=True)
-    assert [c[0] for c in calls] == ["a", "bad", "c"] and list(summaries) == ["a", "c"] and failed == ["bad"]
-    assert "cpt: error: bad: boom" in capsys.readouterr().err
+    assert list(summaries) == ["a", "c"] and failed == ["bad"]
+    assert "cpt: error: bad: " in capsys.readouterr().err
 
 
-def test_a_garbled_summary_is_an_error_naming_the_file(tmp_path, calls):
+def test_a_garbled_summary_is_an_error_naming_the_file(tmp_path, small_texts):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "summary.json").write_text("{")
     with pytest.raises(CptError, match=r"x/summary.json: not valid JSON"):
-        run_all([("x", tmp_path / "x", None)])
-    assert calls == []
+        run_all([("x", tmp_path / "x", _config(small_texts))])
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["summary.json"]  # nothing trained there
 
 
 def test_the_demo_table_is_the_one_the_readme_quotes():
