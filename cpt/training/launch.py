@@ -111,4 +111,5 @@ def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
     try:
         return run.run(state)
     finally:
+        run.parallel.close()
         distributed.shutdown()

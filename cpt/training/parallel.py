@@ -19,10 +19,12 @@ as the strategy needs). What differs between the strategies lives here and nowhe
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from cpt.errors import CptError
 from cpt.training import distributed
@@ -79,9 +81,14 @@ class OneProcess:
     def save_shards(self, optimizer: torch.optim.Optimizer, staged: Path) -> None:
         """Collective under FSDP2: each rank writes its shards into `staged`; nothing to do otherwise."""
 
+    def close(self) -> None:
+        """Release what holds the process group (before `distributed.shutdown`)."""
+
     def load(self, optimizer: torch.optim.Optimizer, state: dict, directory: Path) -> None:
         if state["model"] is None:
-            raise CptError(f"{directory}: an FSDP2 (training.parallel: fsdp) checkpoint; resume with the training.parallel it was written with")
+            raise CptError(
+                f"{directory}: an FSDP2 (training.parallel: fsdp) checkpoint; resume with the training.parallel it was written with"
+            )
         self.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
@@ -92,14 +99,18 @@ class DataParallel(OneProcess):
     kind = "DDP"
 
     def _wrap_loss(self, loss: torch.nn.Module) -> torch.nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
         self.ddp = DistributedDataParallel(loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return self.ddp
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         # all-reduce gradients once per optimizer step, not once per micro-batch
         return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def close(self) -> None:
+        # free DDP's reducer while the process group lives: freed after destroy_process_group, its
+        # destructor joins a gloo thread that waits for the GIL the destructor holds (seen as a hang at exit)
+        self.ddp = self.train_module = None
+        gc.collect()
 
 
 class FullySharded(OneProcess):
