@@ -26,8 +26,11 @@ test-all: install
 demo: install
 	$(BIN)/cpt demo
 
+LINT_PATHS := cpt tests benchmarks scripts
+
 lint: install
-	$(BIN)/ruff check cpt tests benchmarks scripts
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -57,8 +57,12 @@ def main() -> None:
     p, q = statistics.median(a), statistics.median(b)
     params = s["parameters"]
     t_meta = meta_update_seconds(args.preset)
-    print(f"model preset {args.preset} ({params / 1e6:.2f}M parameters), batch {args.batch_size} x {args.seq_len}, {args.repeats} repeats (median)")
-    print(f"step time: replay+Reptile(k={args.k}) {q * 1e3:.2f} ms vs replay {p * 1e3:.2f} ms -> overhead {100 * (q / p - 1):+.2f}% (target <= 1%)")
+    print(
+        f"model preset {args.preset} ({params / 1e6:.2f}M parameters), batch {args.batch_size} x {args.seq_len}, {args.repeats} repeats (median)"
+    )
+    print(
+        f"step time: replay+Reptile(k={args.k}) {q * 1e3:.2f} ms vs replay {p * 1e3:.2f} ms -> overhead {100 * (q / p - 1):+.2f}% (target <= 1%)"
+    )
     print(f"meta-updates in the last run: {s['meta_updates']} over {s['steps']} steps")
     print(
         f"one meta-update measured directly: {t_meta * 1e3:.2f} ms -> amortised over k={args.k} steps of {p * 1e3:.1f} ms: "

@@ -77,8 +77,7 @@ def main() -> None:
     if free < 1.1 * nbytes:
         sys.exit(f"{parent}: needs {nbytes / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free")
     directory = Path(tempfile.mkdtemp(prefix="cpt-replay-bench-", dir=parent))
-    print(f"buffer: {rows} rows x {args.row_len} {args.dtype} = {rows * args.row_len:.3g} "
-          f"tokens, {nbytes / 2**30:.2f} GiB in {directory}")
+    print(f"buffer: {rows} rows x {args.row_len} {args.dtype} = {rows * args.row_len:.3g} tokens, {nbytes / 2**30:.2f} GiB in {directory}")
     try:
         buf = ReplayBuffer(directory, args.row_len, rows, "reservoir", dtype=args.dtype)
         rng = np.random.default_rng(0)
@@ -89,19 +88,19 @@ def main() -> None:
             buf.add(rng.integers(0, 32000, size=(n, args.row_len), dtype=np.uint16), 0)
         buf.flush()
         fill_s = time.perf_counter() - t0
-        print(f"fill: {fill_s:.1f} s ({rows * args.row_len / fill_s / 1e6:.0f}M tokens/s, "
-              f"incl. flush to disk)")
+        print(f"fill: {fill_s:.1f} s ({rows * args.row_len / fill_s / 1e6:.0f}M tokens/s, incl. flush to disk)")
 
         buf, dropped = _reopen_cold(buf)
         batches = [buf.sample_slots(args.batch) for _ in range(args.batches)]
         cold = _read_pass(buf, batches)
         warm = _read_pass(buf, batches)
         print(f"random reads, {args.batches} x {args.batch} rows:")
-        print(f"  pass 1 (cold-ish, {dropped:.0f} MiB of page cache dropped before): "
-              f"{cold / 1e6:.1f}M tokens/s")
-        print(f"  pass 2 (warm, same rows from page cache): {warm / 1e6:.1f}M tokens/s  "
-              f"[target >= {TARGET_TOKENS_PER_S / 1e6:.0f}M: "
-              f"{'ok' if min(cold, warm) >= TARGET_TOKENS_PER_S else 'MISSED (see pass)'}]")
+        print(f"  pass 1 (cold-ish, {dropped:.0f} MiB of page cache dropped before): {cold / 1e6:.1f}M tokens/s")
+        print(
+            f"  pass 2 (warm, same rows from page cache): {warm / 1e6:.1f}M tokens/s  "
+            f"[target >= {TARGET_TOKENS_PER_S / 1e6:.0f}M: "
+            f"{'ok' if min(cold, warm) >= TARGET_TOKENS_PER_S else 'MISSED (see pass)'}]"
+        )
         t0 = time.perf_counter()
         for _ in range(2000):
             buf.sample_slots(args.batch)
@@ -127,10 +126,12 @@ def main() -> None:
                 buf.read(buf.sample_slots(args.batch))  # what a synchronous read would cost
                 sync_s += time.perf_counter() - t0
         # steps 0 and 1 were submitted just before their get(): nothing to overlap with
-        print(f"prefetch, {args.steps} steps of {args.step_ms:.0f} ms, pages dropped first: "
-              f"mean wait {np.mean(waits[2:]) * 1e3:.3f} ms/step in steady state (steps 2+), "
-              f"{np.mean(waits) * 1e3:.3f} ms/step incl. the first two un-overlapped reads; "
-              f"a synchronous cold-ish read takes {sync_s / args.steps * 1e3:.3f} ms/step")
+        print(
+            f"prefetch, {args.steps} steps of {args.step_ms:.0f} ms, pages dropped first: "
+            f"mean wait {np.mean(waits[2:]) * 1e3:.3f} ms/step in steady state (steps 2+), "
+            f"{np.mean(waits) * 1e3:.3f} ms/step incl. the first two un-overlapped reads; "
+            f"a synchronous cold-ish read takes {sync_s / args.steps * 1e3:.3f} ms/step"
+        )
         buf.close()
     finally:
         if args.keep:

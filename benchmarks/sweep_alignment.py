@@ -50,8 +50,10 @@ def main() -> None:
             ok = s["forgetting_score"] < ref["forgetting_score"] and s["learned_loss"] <= 1.02 * ref["learned_loss"]
             rows.append((k, beta, s, ok))
             print(f"k={k} beta={beta}: forgetting {s['forgetting_score']:.3f} learned {s['learned_loss']:.3f}", file=sys.stderr, flush=True)
-    print(f"reference replay (rate {ref_cfg['replay']['rate']}): forgetting {ref['forgetting_score']:.3f}, "
-          f"learned {ref['learned_loss']:.3f}, avg final {ref['avg_final_loss']:.3f}\n")
+    print(
+        f"reference replay (rate {ref_cfg['replay']['rate']}): forgetting {ref['forgetting_score']:.3f}, "
+        f"learned {ref['learned_loss']:.3f}, avg final {ref['avg_final_loss']:.3f}\n"
+    )
     print("| k | β | forgetting | vs replay | learned | vs replay | avg final | meets the bar |")
     print("|---|---|---|---|---|---|---|---|")
     for k, beta, s, ok in rows:

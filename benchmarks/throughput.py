@@ -83,8 +83,14 @@ def worker_cpt(args, work: Path) -> dict:
     out = work / f"cpt-run-{os.getpid()}"
     summary = train(str(work / "run.yaml"), out, overrides=args.set or None, overwrite=True)
     windows = [r["tokens_per_second"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
-    return {"tokens_per_second": summary["tokens_per_second"], "seconds": summary["train_seconds"], "steps": summary["steps"],
-            "best_window": max(windows), "final_loss": summary["loss_matrix"][-1][0], "run_dir": str(out)}
+    return {
+        "tokens_per_second": summary["tokens_per_second"],
+        "seconds": summary["train_seconds"],
+        "steps": summary["steps"],
+        "best_window": max(windows),
+        "final_loss": summary["loss_matrix"][-1][0],
+        "run_dir": str(out),
+    }
 
 
 def _rows_like_cpt(args, work: Path):
@@ -156,8 +162,14 @@ def worker_trainer(args, work: Path) -> dict:
     tokens = timer.steps * args.batch_size * args.seq_len
     step_tokens = args.batch_size * args.seq_len
     windows = [10 * step_tokens / sum(timer.times[i : i + 10]) for i in range(0, len(timer.times) - 9, 10)] or [tokens / timer.seconds]
-    return {"tokens_per_second": tokens / timer.seconds, "best_window": max(windows), "seconds": timer.seconds, "steps": timer.steps,
-            "runtime_tokens_per_second": tokens / result.metrics["train_runtime"], "final_train_loss": result.training_loss}
+    return {
+        "tokens_per_second": tokens / timer.seconds,
+        "best_window": max(windows),
+        "seconds": timer.seconds,
+        "steps": timer.steps,
+        "runtime_tokens_per_second": tokens / result.metrics["train_runtime"],
+        "final_train_loss": result.training_loss,
+    }
 
 
 def _flop_params(args, work: Path) -> int:
@@ -191,8 +203,9 @@ def _load() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     ap.add_argument("--preset", default="demo", help="cpt model preset (default demo: 4 layers x 256)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -200,7 +213,9 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary cpt trains (default 8192)")
     ap.add_argument("--repeats", type=int, default=3, help="cpt/Trainer pairs to run; medians are reported (default 3)")
     ap.add_argument("--text", help="training text (default: the bundled English handbook)")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="a cpt config override for the cpt side, e.g. training.compile=true")
+    ap.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="a cpt config override for the cpt side, e.g. training.compile=true"
+    )
     ap.add_argument("--skip-trainer", action="store_true", help="measure cpt only")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -236,11 +251,21 @@ def main() -> None:
                 if role == "cpt" and not args.tokenizer_dir:  # the Trainer side reads cpt's tokenizer and token cache
                     args.tokenizer_dir = str(Path(got["cpt"]["run_dir"]) / "checkpoints" / "final")
                     args.forward += ["--tokenizer-dir", args.tokenizer_dir]
-            row = {"cpt": got["cpt"]["tokens_per_second"], "cpt_best10": got["cpt"]["best_window"], "cpt_loss": got["cpt"]["final_loss"], "load": _load()}
+            row = {
+                "cpt": got["cpt"]["tokens_per_second"],
+                "cpt_best10": got["cpt"]["best_window"],
+                "cpt_loss": got["cpt"]["final_loss"],
+                "load": _load(),
+            }
             if "trainer" in got:
-                row.update(trainer_steps=got["trainer"]["tokens_per_second"], trainer_runtime=got["trainer"]["runtime_tokens_per_second"],
-                           trainer_best10=got["trainer"]["best_window"], trainer_loss=got["trainer"]["final_train_loss"],
-                           ratio_best10=got["cpt"]["best_window"] / got["trainer"]["best_window"], ratio=got["cpt"]["tokens_per_second"] / got["trainer"]["tokens_per_second"])
+                row.update(
+                    trainer_steps=got["trainer"]["tokens_per_second"],
+                    trainer_runtime=got["trainer"]["runtime_tokens_per_second"],
+                    trainer_best10=got["trainer"]["best_window"],
+                    trainer_loss=got["trainer"]["final_train_loss"],
+                    ratio_best10=got["cpt"]["best_window"] / got["trainer"]["best_window"],
+                    ratio=got["cpt"]["tokens_per_second"] / got["trainer"]["tokens_per_second"],
+                )
             rows.append(row)
             line = f"repeat {r + 1}/{args.repeats}: cpt {row['cpt']:,.0f} tok/s"
             if "ratio" in row:
@@ -251,14 +276,26 @@ def main() -> None:
             return statistics.median(r[key] for r in rows)
 
         print(f"\n{'median over repeats':60s}  tokens/s   GFLOP/s (6·N·tok/s)")
-        result = {"machine_cpus": os.cpu_count(), "torch": torch.__version__, "preset": args.preset, "seq_len": args.seq_len,
-                  "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "flop_params": n_flop,
-                  "overrides": args.set or [], "rows": rows}
+        result = {
+            "machine_cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "preset": args.preset,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "flop_params": n_flop,
+            "overrides": args.set or [],
+            "rows": rows,
+        }
         label = "cpt" + (f" ({' '.join(args.set)})" if args.set else "")
         keys = [("cpt", f"{label}, summary"), ("cpt_best10", f"{label}, best 10-step window")]
         if not args.skip_trainer:
-            keys += [("trainer_steps", "HF Trainer, step callbacks"), ("trainer_best10", "HF Trainer, best 10-step window"),
-                     ("trainer_runtime", "HF Trainer, train_runtime")]
+            keys += [
+                ("trainer_steps", "HF Trainer, step callbacks"),
+                ("trainer_best10", "HF Trainer, best 10-step window"),
+                ("trainer_runtime", "HF Trainer, train_runtime"),
+            ]
         for key, label in keys:
             result[key] = med(key)
             print(f"{label:60s} {med(key):9,.0f}   {6 * n_flop * med(key) / 1e9:7.1f}")
@@ -266,8 +303,10 @@ def main() -> None:
             result["ratio"] = med("ratio")
             verdict = "meets" if med("ratio") >= TARGET_RATIO else "below"
             result["ratio_best10"] = med("ratio_best10")
-            print(f"ratio cpt / Trainer: {med('ratio'):.2f} (median of per-repeat ratios of whole runs; target {TARGET_RATIO}: {verdict}); "
-                  f"best-window ratio {med('ratio_best10'):.2f}")
+            print(
+                f"ratio cpt / Trainer: {med('ratio'):.2f} (median of per-repeat ratios of whole runs; target {TARGET_RATIO}: {verdict}); "
+                f"best-window ratio {med('ratio_best10'):.2f}"
+            )
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -7,6 +7,7 @@ The Python API the CLI wraps:
     print(summary["loss_matrix"], summary["forgetting_score"])
 """
 
+from cpt.config import load_config
 from cpt.errors import CptError
 
 __version__ = "0.1.0"
@@ -14,15 +15,11 @@ __version__ = "0.1.0"
 
 def train(config, out, **kwargs) -> dict:
     """Run a config (a path or a `cpt.config.RunConfig`) into `out`; returns the summary dict."""
+    # why lazy: the training stack imports torch and transformers, and every `cpt` command (the light
+    # `cpt report` and `cpt config-reference` too) imports this package first
     from cpt.training.launch import train as _train
 
     return _train(config, out, **kwargs)
-
-
-def load_config(path, overrides=None):
-    from cpt.config import load_config as _load
-
-    return _load(path, overrides)
 
 
 __all__ = ["CptError", "train", "load_config", "__version__"]

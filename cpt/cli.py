@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from cpt import atomic
+from cpt.config import reference_markdown
 from cpt.errors import CptError
 
 EXAMPLES = """\
@@ -51,11 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train over the config's task sequence", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train", help="train over the config's task sequence", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     t.add_argument("config", nargs="?", help="run YAML (not needed with --resume)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=3e-4 tasks.1.tokens=2e6 (anywhere on the line)")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
-    t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint")
+    t.add_argument(
+        "--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint"
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
     e = sub.add_parser("eval", help="re-evaluate a saved checkpoint on every task, or score checkpoints downstream (--lm-eval)")
@@ -107,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# why the imports below sit in the command functions: each command loads only what it runs, so that
+# `cpt --help`, `cpt config-reference` and `cpt report` never import torch (the training stack,
+# cpt.hf_io, cpt.downstream and cpt.training.signals all do).
 def _cmd_train(args) -> int:
     from cpt.training.device import ensure_threads
     from cpt.training.launch import train
@@ -239,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "config-reference":
-            from cpt.config import reference_markdown
-
             print(reference_markdown())
             return 0
     except CptError as err:

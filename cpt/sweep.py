@@ -35,7 +35,9 @@ from typing import Any
 
 from cpt import atomic
 from cpt.config import RunConfig, apply_override, dump_config, parse_override, read_yaml_mapping, resolve_paths, validate
+from cpt.demo import demo_config
 from cpt.errors import CptError
+from cpt.report.scaling import write_scaling_report
 from cpt.runs import METRICS, WALL, Column, count, markdown_table, read_summary, run_all
 
 SWEEP_KEYS = {"name", "base", "set", "grid"}
@@ -64,8 +66,6 @@ def _label(key: str, value: Any) -> str:
 
 def _base_config(base: Any, sweep_path: Path) -> dict:
     if base == "bundled":
-        from cpt.demo import demo_config
-
         cfg = demo_config("sequential")
         cfg.pop("name", None)
         return cfg
@@ -137,7 +137,9 @@ def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool =
     for r in sweep.runs:  # refuse mismatches before training anything
         saved = runs_dir / r.name / "config.yaml"
         if saved.is_file() and not overwrite and saved.read_text(encoding="utf-8") != dump_config(r.config):
-            raise CptError(f"{saved}: this run was made with a different config than {sweep.path} now gives; pass --overwrite or use another --out")
+            raise CptError(
+                f"{saved}: this run was made with a different config than {sweep.path} now gives; pass --overwrite or use another --out"
+            )
     if dry_run:
         for r in sweep.runs:
             state = "finished" if (runs_dir / r.name / "summary.json").is_file() else "to run"
@@ -151,9 +153,6 @@ def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool =
     _, failed = run_all(runs, overwrite=overwrite, continue_on_error=True, what="sweep")
     rows = collect(sweep, runs_dir)
     write_tables(rows, out, sweep.grid)
-    # matplotlib comes with the report: imported here so that load_sweep and --dry-run do not load it
-    from cpt.report.scaling import write_scaling_report
-
     files = write_scaling_report(rows, out / "scaling", title=f"cpt sweep: {sweep.name}")
     print(f"\nsweep finished in {time.perf_counter() - t0:.0f}s: {len(rows)} run(s) with results", file=sys.stderr)
     print(markdown_table(rows, COLUMNS))
@@ -196,7 +195,9 @@ def collect(sweep: Sweep, runs_dir: Path) -> list[dict]:
                 "preset": Path(cfg.model.init).name if cfg.model.init else cfg.model.preset,
                 "parameters": s.get("parameters"),
                 "replay_rate": cfg.replay.rate,
-                "alignment": cfg.alignment.method if cfg.alignment.method == "none" else f"{cfg.alignment.method} k{cfg.alignment.k} β{cfg.alignment.beta}",
+                "alignment": cfg.alignment.method
+                if cfg.alignment.method == "none"
+                else f"{cfg.alignment.method} k{cfg.alignment.k} β{cfg.alignment.beta}",
                 "seed": cfg.seed,
                 "steps": s.get("steps"),
                 "tokens_new": s["tokens"]["new"],

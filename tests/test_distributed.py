@@ -31,7 +31,11 @@ def _config(small_texts, tmp_path, batch_size):
 
 
 def _torchrun(*args):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -40,7 +44,9 @@ def _torchrun(*args):
 def one_process(small_texts, tmp_path_factory):
     """The reference: one process at global batch 8."""
     d = tmp_path_factory.mktemp("one")
-    proc = subprocess.run([sys.executable, "-m", "cpt", "train", str(_config(small_texts, d, 8)), "--out", str(d / "run")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cpt", "train", str(_config(small_texts, d, 8)), "--out", str(d / "run")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((d / "run" / "summary.json").read_text())
 
@@ -136,7 +142,9 @@ def test_fsdp2_matches_one_process_and_resumes_from_its_sharded_checkpoint(small
         shutil.rmtree(later)
     (out / "summary.json").unlink()
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", "--resume", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cpt", "train", "--resume", str(out)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed at step {int(mid.name.split('-')[1])}" in proc.stderr

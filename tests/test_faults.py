@@ -31,7 +31,9 @@ def _config(small_texts, tmp_path, **extra):
 
 
 def _start(cfg_path, out):
-    return subprocess.Popen([sys.executable, "-m", "cpt", "train", str(cfg_path), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cpt", "train", str(cfg_path), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_step(out, task_index, min_step, proc, timeout=120):
@@ -205,7 +207,9 @@ def test_full_disk_never_leaves_a_half_written_checkpoint_as_the_latest(small_di
     small = {"w": torch.zeros(100_000)}  # 0.4 MB: fits
     checkpoint.save_checkpoint(root, 10, small, keep=3)
     big = {"w": torch.zeros(1_000_000)}  # 4 MB: the disk fills up half way
-    with pytest.raises(CptError, match=r"step-00000020: could not write the checkpoint .*MiB free on that disk\); earlier checkpoints are intact"):
+    with pytest.raises(
+        CptError, match=r"step-00000020: could not write the checkpoint .*MiB free on that disk\); earlier checkpoints are intact"
+    ):
         checkpoint.save_checkpoint(root, 20, big, keep=3)
     assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000010"]
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]  # the partial write is gone

@@ -135,8 +135,7 @@ def test_sampling_respects_eligibility_and_weights(tmp_path):
         buf.sample_slots(1, task_weights={0: 0.0})
 
 
-@pytest.mark.parametrize("policy,cap", [("reservoir", 50), ("balanced", 50), ("fifo", 50),
-                                        ("reservoir", None)])
+@pytest.mark.parametrize("policy,cap", [("reservoir", 50), ("balanced", 50), ("fifo", 50), ("reservoir", None)])
 def test_flush_open_continues_identically(tmp_path, policy, cap):
     a = ReplayBuffer(tmp_path / "a", ROW, cap, policy, seed=3)
     twin = ReplayBuffer(tmp_path / "b", ROW, cap, policy, seed=3)
@@ -227,8 +226,9 @@ def test_resume_from_an_older_flush_restores_rows_and_continues_identically(tmp_
     a.close()
     last = a.state_dict()
     last_rows = _tokens(d, last["fill"] * ROW * 2)
-    child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, cpt.replay.buffer.__file__, str(d)],
-                           capture_output=True, text=True, timeout=60)
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, cpt.replay.buffer.__file__, str(d)], capture_output=True, text=True, timeout=60
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert _tokens(d, nbytes) != snap_rows and _tokens(d, len(last_rows)) != last_rows
 

@@ -38,7 +38,7 @@ def _offer(policy, table, n, task):
 def _check_table(table):
     """The table's three views agree: task lists, per-slot task and position, fill."""
     assert sum(len(s) for s in table.task_slots.values()) == table.fill
-    assert (table.slot_task[table.fill:] == -1).all() and (table.slot_task[:table.fill] >= 0).all()
+    assert (table.slot_task[table.fill :] == -1).all() and (table.slot_task[: table.fill] >= 0).all()
     for t, slots in table.task_slots.items():
         assert slots and (table.slot_task[slots] == t).all()
         assert (table.slot_pos[slots] == np.arange(len(slots))).all()

@@ -48,16 +48,10 @@ def test_html_is_self_contained(report: dict[str, Path]) -> None:
 
 def test_markdown_table_and_links(report: dict[str, Path]) -> None:
     md = report["report.md"].read_text()
-    rows = {
-        line.split("|")[1].strip(): line
-        for line in md.splitlines()
-        if line.startswith("| ")
-    }
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     # The sequential fixture has no "run" key: its name is the directory's.
     assert set(rows) >= {"sequential", "replay", "joint"}
-    assert (
-        "0.847" in rows["sequential"] and "**0.273**" in rows["replay"]
-    )  # best is bold
+    assert "0.847" in rows["sequential"] and "**0.273**" in rows["replay"]  # best is bold
     assert "**3.434**" in rows["joint"]  # joint has the best average final loss
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (report["report.md"].parent / name).is_file()  # relative and present
@@ -66,9 +60,7 @@ def test_markdown_table_and_links(report: dict[str, Path]) -> None:
 
 def test_missing_summary_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(
-        CptError, match=re.escape(str(tmp_path / "empty" / "summary.json"))
-    ):
+    with pytest.raises(CptError, match=re.escape(str(tmp_path / "empty" / "summary.json"))):
         write_report([RUNS / "replay", tmp_path / "empty"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # validated before anything is written
 

@@ -95,7 +95,9 @@ def test_model_init_without_a_tokenizer_is_an_error(small_texts, tmp_path):
     cfg = tiny_config(small_texts, tokenizer={"vocab_size": 300})  # a new BPE's ids fit the 512-row table: no other error
     cfg["model"] = {"init": str(bare)}
     (tmp_path / "init.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "cpt", "train", str(tmp_path / "init.yaml"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cpt", "train", str(tmp_path / "init.yaml"), "--out", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"cpt: error: model.init: {bare} holds no tokenizer")
     assert not (tmp_path / "x").exists()
@@ -189,7 +191,11 @@ def test_batches_skipped_for_nan_are_not_stored_nor_counted(small_texts, tmp_pat
 def test_tensorboard_has_each_step_once_after_a_resume(small_texts, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = tiny_config(small_texts, logging={"tensorboard": True, "log_every": 1, "progress": False}, checkpoint={"every": 4, "task_ends": False, "keep": 10})
+    cfg = tiny_config(
+        small_texts,
+        logging={"tensorboard": True, "log_every": 1, "progress": False},
+        checkpoint={"every": 4, "task_ends": False, "keep": 10},
+    )
     run = tmp_path / "run"
     cpt.train(validate(cfg), run)
     # go back to an earlier checkpoint, as after a kill: the steps after it are trained and logged again

@@ -74,8 +74,16 @@ def test_a_garbled_summary_is_an_error_naming_the_file(tmp_path, small_texts):
 
 
 def test_the_demo_table_is_the_one_the_readme_quotes():
-    s = {"forgetting_score": 0.03312, "retained_loss": 6.6, "learned_loss": 6.7, "avg_final_loss": 6.672, "bwt": -0.0381,
-         "tokens": {"new": 303104, "replay": 80896}, "wall_seconds": 133.4, "strategy": "sequential"}
+    s = {
+        "forgetting_score": 0.03312,
+        "retained_loss": 6.6,
+        "learned_loss": 6.7,
+        "avg_final_loss": 6.672,
+        "bwt": -0.0381,
+        "tokens": {"new": 303104, "replay": 80896},
+        "wall_seconds": 133.4,
+        "strategy": "sequential",
+    }
     joint = dict(s, forgetting_score=None, bwt=None)
     lines = results_table({"replay": s, "joint": joint}).splitlines()
     readme = README.read_text().splitlines()

@@ -70,21 +70,34 @@ def test_two_by_two_sweep_runs_skips_and_resumes_and_reports(small_texts, tmp_pa
     assert json.loads((out / "runs" / "preset-small_rate-0.25" / "summary.json").read_text())["avg_final_loss"] > 0
 
     # the same directory with a changed sweep is refused before anything runs
-    changed = _sweep_file(tmp_path, small_texts, {"model.preset": ["tiny", "small"], "replay.rate": [0.0, 0.25]}, **fast, **{"training.lr": 1e-3})
+    changed = _sweep_file(
+        tmp_path, small_texts, {"model.preset": ["tiny", "small"], "replay.rate": [0.0, 0.25]}, **fast, **{"training.lr": 1e-3}
+    )
     with pytest.raises(CptError, match="different config"):
         run_sweep(changed, out)
 
 
 def test_verdict_follows_the_gains_per_doubling_of_compute():
     def row(preset, params, rate, flops, loss, seed=0):
-        return {"alignment": "none", "replay_rate": rate, "preset": preset, "parameters": params, "flops": flops,
-                "avg_final_loss": loss, "forgetting_score": 0.0, "seed": seed}
+        return {
+            "alignment": "none",
+            "replay_rate": rate,
+            "preset": preset,
+            "parameters": params,
+            "flops": flops,
+            "avg_final_loss": loss,
+            "forgetting_score": 0.0,
+            "seed": seed,
+        }
 
     # from rate 0: replay doubles compute for -0.5 loss, the bigger model quadruples it for -0.4 → replay
     # from rate 0.25: replay (x2) gives -0.05, the bigger model (x2) gives -0.3 → model size
     rows = [
-        row("s", 1, 0.0, 1e12, 5.0), row("s", 1, 0.25, 2e12, 4.5), row("s", 1, 0.5, 4e12, 4.45),
-        row("m", 4, 0.0, 4e12, 4.6), row("m", 4, 0.25, 4e12 * 1.0 + 1, 4.2),
+        row("s", 1, 0.0, 1e12, 5.0),
+        row("s", 1, 0.25, 2e12, 4.5),
+        row("s", 1, 0.5, 4e12, 4.45),
+        row("m", 4, 0.0, 4e12, 4.6),
+        row("m", 4, 0.25, 4e12 * 1.0 + 1, 4.2),
     ]
     comparisons, lines = verdict(group(rows))
     by_rate = {c["rate"]: c for c in comparisons}

@@ -17,8 +17,20 @@ from cpt.training.evaluator import evaluate_checkpoint
 from tests.conftest import tiny_config
 
 SUMMARY_FIELDS = {
-    "tasks", "loss_matrix", "forgetting_score", "retained_loss", "learned_loss", "avg_final_loss", "bwt",
-    "tokens", "steps", "wall_seconds", "tokens_per_second", "replay_fraction", "meta_updates", "flops",
+    "tasks",
+    "loss_matrix",
+    "forgetting_score",
+    "retained_loss",
+    "learned_loss",
+    "avg_final_loss",
+    "bwt",
+    "tokens",
+    "steps",
+    "wall_seconds",
+    "tokens_per_second",
+    "replay_fraction",
+    "meta_updates",
+    "flops",
 }
 
 
@@ -100,7 +112,8 @@ def test_cli_train_and_python_m(small_texts, tmp_path):
     cfg.write_text(yaml.safe_dump(tiny_config(small_texts)))
     proc = subprocess.run(
         [sys.executable, "-m", "cpt", "train", str(cfg), "tasks.0.tokens=4e3", "tasks.1.tokens=4e3", "--out", str(tmp_path / "r")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -130,7 +143,9 @@ def test_cli_eval_and_report(run_dir, tmp_path):
     assert losses["en"] == pytest.approx(summary["loss_matrix"][0][0], rel=1e-5)  # row 0 = after task 0
     bad = subprocess.run([sys.executable, "-m", "cpt", "eval", str(run_dir), "--checkpoint", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such HF checkpoint" in bad.stderr and "task-1-fr" in bad.stderr
-    rep = subprocess.run([sys.executable, "-m", "cpt", "report", str(run_dir), "--out", str(tmp_path / "rep")], capture_output=True, text=True)
+    rep = subprocess.run(
+        [sys.executable, "-m", "cpt", "report", str(run_dir), "--out", str(tmp_path / "rep")], capture_output=True, text=True
+    )
     assert rep.returncode == 0, rep.stderr
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000
     assert subprocess.run([sys.executable, "-m", "cpt", "--help"], capture_output=True, text=True).stdout.count("cpt demo") == 1

@@ -33,7 +33,9 @@ def batch_gradient(model: torch.nn.Module, rows: torch.Tensor, params: list[torc
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
 
 
-def gradient_cosines(model: torch.nn.Module, current: torch.Tensor, others: dict[str, torch.Tensor], autocast_dtype=None) -> dict[str, float]:
+def gradient_cosines(
+    model: torch.nn.Module, current: torch.Tensor, others: dict[str, torch.Tensor], autocast_dtype=None
+) -> dict[str, float]:
     """cos(∇L(current), ∇L(other)) for each named batch in `others`."""
     params = [p for p in model.parameters() if p.requires_grad]
     g0 = batch_gradient(model, current, params, autocast_dtype)
@@ -49,8 +51,22 @@ class AlignmentProbe:
 
     name = "probe"
 
-    def __init__(self, model, tasks, seq_len: int, seed: int, rank: int, world: int, every: int, batch_size: int,
-                 task_of_step: list[int], autocast_dtype, is_main: bool, buffer=None, eligible=None):
+    def __init__(
+        self,
+        model,
+        tasks,
+        seq_len: int,
+        seed: int,
+        rank: int,
+        world: int,
+        every: int,
+        batch_size: int,
+        task_of_step: list[int],
+        autocast_dtype,
+        is_main: bool,
+        buffer=None,
+        eligible=None,
+    ):
         self.model = model
         self.names = [t.name for t in tasks]
         # its own readers (another seed): turning the probe on does not change what the run trains on

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from cpt.errors import CptError
 
 _BLANK_LINES = re.compile(rb"\r?\n[ \t]*\r?\n(?:[ \t]*\r?\n)*")
@@ -138,10 +140,6 @@ def _iter_jsonl(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
 
 def _iter_parquet(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover
-        raise CptError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    try:
         pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for broken files
         raise CptError(f"{path}: not a readable parquet file: {err}") from None
@@ -157,7 +155,7 @@ def _iter_parquet(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
 
 def _iter_hf(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # why lazy: optional dependency (cpt[datasets]), needed only for a save_to_disk directory
     except ImportError:  # pragma: no cover
         raise CptError(f"{path}: reading a datasets directory needs `datasets` (pip install datasets)") from None
     try:

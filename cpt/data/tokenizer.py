@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from cpt import atomic
 from cpt.errors import CptError
@@ -43,8 +44,6 @@ class TextTokenizer:
 
     def save_pretrained(self, directory: Path) -> None:
         """Write HF tokenizer files so `AutoTokenizer.from_pretrained(directory)` works."""
-        from transformers import PreTrainedTokenizerFast
-
         eos = self.tokenizer.id_to_token(self.eos_id)
         fast = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer, eos_token=eos, pad_token=eos)
         fast.save_pretrained(str(directory))
@@ -80,8 +79,6 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
             file = path / "tokenizer.json"
         else:
             try:
-                from transformers import AutoTokenizer
-
                 hf = AutoTokenizer.from_pretrained(str(path))
             except Exception as err:
                 raise CptError(f"{path}: not a loadable HF tokenizer directory: {err}") from None

@@ -172,8 +172,15 @@ def prepare_for(task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key
     """`prepare_task` for one configured task (`tasks.N` of a run config)."""
     extra = {"log": log} if log is not None else {}
     return prepare_task(
-        task.name, task.path, tok, cache, fmt=task.format, text_field=task.text_field, val_fraction=task.val_fraction,
-        key_of_source=key_of_source, **extra
+        task.name,
+        task.path,
+        tok,
+        cache,
+        fmt=task.format,
+        text_field=task.text_field,
+        val_fraction=task.val_fraction,
+        key_of_source=key_of_source,
+        **extra,
     )
 
 

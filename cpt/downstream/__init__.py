@@ -25,16 +25,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from cpt import atomic
+from cpt.data.tokenizer import cache_root
 from cpt.downstream import cloze
 from cpt.errors import CptError
+from cpt.model import load_model
+from cpt.runs import main_metric  # also cpt.downstream.main_metric, for the CLI
+from cpt.training.device import resolve_device
 from cpt.training.rundir import RunDir, open_run
 
 LM_EVAL_PIP = "pip install 'cpt[lm-eval]'"
-#: per benchmark, the metric a table shows first (the first of these the results have)
-MAIN_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "bleu", "word_perplexity")
-#: what each score entry records besides metrics: examples scored, few-shot examples used
-NOT_METRICS = ("samples", "num_fewshot")
 
 
 def _log(msg: str) -> None:
@@ -58,7 +62,7 @@ def task_manager(names: list[str], cache: Path):
 
     Unknown names are refused here, before any model is loaded."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # why lazy: optional dependency (cpt[lm-eval])
 
     ours = [n for n in names if n.startswith(cloze.PREFIX)]
     for n in ours:
@@ -86,7 +90,7 @@ def _load_data(names: list[str], hub: list[str], manager) -> None:
             if hasattr(manager, "load"):  # newer lm-eval; get_task_dict is deprecated there
                 manager.load(names)
             else:
-                from lm_eval.tasks import get_task_dict
+                from lm_eval.tasks import get_task_dict  # why lazy: optional dependency (cpt[lm-eval])
 
                 get_task_dict(names, manager)
     except Exception as err:
@@ -147,13 +151,6 @@ def _metrics(result: dict) -> dict[str, float]:
     return out
 
 
-def main_metric(scores: dict[str, float]) -> str | None:
-    for m in MAIN_METRICS:
-        if m in scores:
-            return m
-    return next((k for k in scores if not k.endswith("_stderr") and k not in NOT_METRICS), None)
-
-
 def write_summary(run_dir: Path, downstream: dict) -> Path:
     """Merge scores into summary.json (other keys untouched), atomically."""
     file = run_dir / "summary.json"
@@ -182,18 +179,10 @@ def evaluate_run(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Score checkpoints of a run on lm-eval tasks; returns {checkpoint: {task: {metric: value}}} and
     merges it into RUN_DIR/summary.json. `checkpoints` default: init (if any), every task end, final."""
-    import torch
-
-    from cpt.data.tokenizer import cache_root
-    from cpt.model import load_model
-    from cpt.training.device import resolve_device
-
     run = open_run(run_dir)
     run_dir = run.path
     cfg = run.config()
     require_lm_eval()
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per checkpoint; lm-eval draws the useful ones
     if checkpoints:
         targets = []
@@ -211,9 +200,9 @@ def evaluate_run(
     manager = task_manager(tasks, cache)
     device, autocast_dtype = resolve_device(cfg)
 
+    # why lazy: lm_eval is an optional dependency (cpt[lm-eval]); require_lm_eval() above names the install
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     seen: dict[str, str] = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from cpt import atomic
@@ -54,8 +55,6 @@ def _chunk_ok(chunk: str) -> bool:
 
 def _word_examples(docs: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """(context, word) candidates and the pool of distractor words, for space-separated languages."""
-    import re
-
     candidates, pool = [], set()
     for doc in docs:
         words = [(m.start(), m.group()) for m in re.finditer(r"\S+", doc)]

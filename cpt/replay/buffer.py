@@ -80,9 +80,7 @@ def capacity_rows_from(capacity: str | float, unit: str, row_len: int) -> int | 
         try:
             value: float = float(capacity)
         except ValueError:
-            raise CptError(
-                f"replay.buffer.capacity: expected 'all' or a number, got {capacity!r}"
-            ) from None
+            raise CptError(f"replay.buffer.capacity: expected 'all' or a number, got {capacity!r}") from None
     elif isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
         raise CptError(f"replay.buffer.capacity: expected 'all' or a number, got {capacity!r}")
     else:
@@ -175,8 +173,15 @@ class SlotTable:
             slot_pos[idx] = np.arange(len(idx))
         return slot_task, slot_pos
 
-    def restore(self, fill: int, offered: int, seen: list[tuple[int, int]], task_slots: dict[int, list[int]],
-                slot_task: np.ndarray, slot_pos: np.ndarray) -> None:
+    def restore(
+        self,
+        fill: int,
+        offered: int,
+        seen: list[tuple[int, int]],
+        task_slots: dict[int, list[int]],
+        slot_task: np.ndarray,
+        slot_pos: np.ndarray,
+    ) -> None:
         """Replace the whole table (seen: (task, rows offered) in first-seen order)."""
         self.fill, self.offered = fill, offered
         self.order = [t for t, _ in seen]
@@ -370,12 +375,10 @@ class UndoJournal:
                 head = f.read(_UNDO_HEADER)
             size = path.stat().st_size
         except OSError:
-            raise CptError(f"{where}: undo journal {path} is missing; cannot restore the rows "
-                           f"of an older state") from None
+            raise CptError(f"{where}: undo journal {path} is missing; cannot restore the rows of an older state") from None
         ok = len(head) == _UNDO_HEADER and head.startswith(_UNDO_MAGIC)
-        vals = np.frombuffer(head[len(_UNDO_MAGIC):], dtype="<i8") if ok else None
-        if vals is None or int(vals[0]) != mark or int(vals[2]) != self.row_len or \
-                int(vals[3]) != self.itemsize:
+        vals = np.frombuffer(head[len(_UNDO_MAGIC) :], dtype="<i8") if ok else None
+        if vals is None or int(vals[0]) != mark or int(vals[2]) != self.row_len or int(vals[3]) != self.itemsize:
             raise CptError(f"{where}: {path} is not an undo journal of this buffer")
         n = (size - _UNDO_HEADER) // self.rec_dtype.itemsize  # a torn last record: row unwritten
         if n == 0:
@@ -391,9 +394,11 @@ class UndoJournal:
         """
         chain = [m for m in self.marks if m >= mark]
         if not chain or chain[0] != mark:
-            raise CptError(f"{where}: undo journal {self.path(mark)} is missing (kept "
-                           f"epochs: {self.marks}); cannot restore the rows of the state with "
-                           f"{mark} rows offered")
+            raise CptError(
+                f"{where}: undo journal {self.path(mark)} is missing (kept "
+                f"epochs: {self.marks}); cannot restore the rows of the state with "
+                f"{mark} rows offered"
+            )
         journals = [self.read(m, where) for m in chain]
         # each slot's row at `mark` is its first record in the oldest epoch that recorded it
         firsts = []
@@ -411,13 +416,15 @@ class UndoJournal:
         bad = (got >= 0) & (got != slot_task)
         if bad.any():
             s = int(np.flatnonzero(bad)[0])
-            raise CptError(f"{where}: the undo journals do not match the state (slot {s} held "
-                           f"task {int(got[s])}, the state says {int(slot_task[s])}); the state "
-                           f"belongs to another run's buffer")
+            raise CptError(
+                f"{where}: the undo journals do not match the state (slot {s} held "
+                f"task {int(got[s])}, the state says {int(slot_task[s])}); the state "
+                f"belongs to another run's buffer"
+            )
         changed = False
         for rec, first in zip(reversed(journals), reversed(firsts)):
             for i in range(0, len(first), _APPLY_CHUNK):
-                part = rec[np.sort(first[i:i + _APPLY_CHUNK])]
+                part = rec[np.sort(first[i : i + _APPLY_CHUNK])]
                 rows[part["slot"]] = part["row"]
                 changed = True
         return changed
@@ -445,22 +452,30 @@ class ReplayBuffer:
     capacity_rows=None every row is kept and the policy does not matter.
     """
 
-    def __init__(self, directory: Path, row_len: int, capacity_rows: int | None,
-                 policy: str = "reservoir", dtype: Any = np.uint16, seed: int = 0,
-                 shard: int = 0, *, overwrite: bool = False, owner: dict | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        row_len: int,
+        capacity_rows: int | None,
+        policy: str = "reservoir",
+        dtype: Any = np.uint16,
+        seed: int = 0,
+        shard: int = 0,
+        *,
+        overwrite: bool = False,
+        owner: dict | None = None,
+    ) -> None:
         dt = np.dtype(dtype)
         if dt.name not in _DTYPES:
             raise CptError(f"replay buffer: dtype must be uint16 or uint32, got {dt.name}")
         if policy not in POLICIES:
             raise CptError(f"replay.buffer.policy: expected one of {POLICIES}, got {policy!r}")
         if row_len < 1 or (capacity_rows is not None and capacity_rows < 1):
-            raise CptError(f"replay buffer: need row_len >= 1 and capacity_rows >= 1 or None, "
-                           f"got {row_len}, {capacity_rows}")
+            raise CptError(f"replay buffer: need row_len >= 1 and capacity_rows >= 1 or None, got {row_len}, {capacity_rows}")
         self._configure(Path(directory), shard, row_len, capacity_rows, policy, dt, seed)
         self.owner = owner
         if self._tokens_path.exists() and not overwrite:
-            raise CptError(f"{self._tokens_path}: a replay buffer already exists there; reuse it "
-                           f"with ReplayBuffer.open or delete it")
+            raise CptError(f"{self._tokens_path}: a replay buffer already exists there; reuse it with ReplayBuffer.open or delete it")
         self.directory.mkdir(parents=True, exist_ok=True)
         rows = capacity_rows if capacity_rows is not None else _MIN_ALL_ROWS
         with open(self._tokens_path, "wb") as f:
@@ -468,8 +483,7 @@ class ReplayBuffer:
         self._map(rows)
         self.flush()
 
-    def _configure(self, directory: Path, shard: int, row_len: int, capacity: int | None,
-                   policy: str, dt: np.dtype, seed: int) -> None:
+    def _configure(self, directory: Path, shard: int, row_len: int, capacity: int | None, policy: str, dt: np.dtype, seed: int) -> None:
         self.directory, self.shard, self.row_len = directory, shard, row_len
         self.policy, self.dtype, self.seed = policy, dt, seed
         self._capacity = capacity
@@ -491,8 +505,7 @@ class ReplayBuffer:
         if not hasattr(self, "_fd"):  # for read-ahead hints; closed with the object
             self._fd = os.open(self._tokens_path, os.O_RDONLY)
             self._close_fd = weakref.finalize(self, os.close, self._fd)
-        self._mm = np.memmap(self._tokens_path, dtype=self.dtype, mode="r+",
-                             shape=(rows, self.row_len))
+        self._mm = np.memmap(self._tokens_path, dtype=self.dtype, mode="r+", shape=(rows, self.row_len))
         self._rows = self._mm.view(np.ndarray)  # plain view: cheaper indexing, copies on fancy
         self._table.resize(rows)
 
@@ -505,14 +518,16 @@ class ReplayBuffer:
         except (OSError, ValueError) as e:
             raise CptError(f"{meta_path}: cannot read replay buffer metadata ({e})") from None
         self = cls.__new__(cls)
-        self._configure(Path(directory), shard, meta["row_len"], meta["capacity_rows"],
-                        meta["policy"], _DTYPES[meta["dtype"]], meta["seed"])
+        self._configure(
+            Path(directory), shard, meta["row_len"], meta["capacity_rows"], meta["policy"], _DTYPES[meta["dtype"]], meta["seed"]
+        )
         self.owner = meta.get("owner")
         itemsize = self.dtype.itemsize * self.row_len
         size = self._tokens_path.stat().st_size if self._tokens_path.exists() else -1
         if size <= 0 or size % itemsize or size // itemsize < (self._capacity or 0):
-            raise CptError(f"{self._tokens_path}: missing, truncated or not a whole number of "
-                           f"rows of {self.row_len} {self.dtype.name} tokens")
+            raise CptError(
+                f"{self._tokens_path}: missing, truncated or not a whole number of rows of {self.row_len} {self.dtype.name} tokens"
+            )
         self._map(size // itemsize)
         self._table.offered = int(meta["offered"])
         self._mark = self._meta_mark = int(meta.get("mark", self._table.offered))
@@ -569,13 +584,13 @@ class ReplayBuffer:
         if rows.dtype.kind not in "iu":
             raise CptError(f"{where}: rows must be integer token ids, got dtype {rows.dtype}")
         if rows.ndim != 2 or rows.shape[1] != self.row_len:
-            raise CptError(f"{where}: rows must have shape [n, row_len={self.row_len}], "
-                           f"got {rows.shape}")
+            raise CptError(f"{where}: rows must have shape [n, row_len={self.row_len}], got {rows.shape}")
         if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or task_id < 0:
             raise CptError(f"{where}: task_id must be an int >= 0, got {task_id!r}")
         if rows.size and (rows.min() < 0 or rows.max() > np.iinfo(self.dtype).max):
-            raise CptError(f"{where}: token ids must lie in [0, {np.iinfo(self.dtype).max}] for "
-                           f"{self.dtype.name}, got [{rows.min()}, {rows.max()}]")
+            raise CptError(
+                f"{where}: token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype.name}, got [{rows.min()}, {rows.max()}]"
+            )
         if len(rows) == 0:
             return
         if self._prefetcher is not None:
@@ -593,7 +608,7 @@ class ReplayBuffer:
             if len(src) == 0:
                 return
             if np.all(np.diff(slots) == 1):  # fill phase: one contiguous block write
-                self._rows[slots[0]:slots[-1] + 1] = rows[src]
+                self._rows[slots[0] : slots[-1] + 1] = rows[src]
             else:
                 self._rows[slots] = rows[src]
 
@@ -614,8 +629,9 @@ class ReplayBuffer:
         self._map(rows)
 
     # -- sampling ------------------------------------------------------------------------
-    def sample_slots(self, n: int, eligible_tasks: Collection[int] | None = None,
-                     task_weights: dict[int, float] | None = None) -> np.ndarray:
+    def sample_slots(
+        self, n: int, eligible_tasks: Collection[int] | None = None, task_weights: dict[int, float] | None = None
+    ) -> np.ndarray:
         """n slot indices drawn with replacement: uniform over eligible stored rows, or, with
         task_weights, a task by weight (eligible tasks with rows; missing weight = 0) and then
         a uniform slot of that task."""
@@ -629,21 +645,18 @@ class ReplayBuffer:
                 if tb.fill == 0:
                     raise CptError(f"replay buffer {self._tokens_path}: no rows to replay yet")
                 return self._rng_sample.integers(0, tb.fill, size=n)
-            tasks = sorted(t for t in tb.task_slots
-                           if eligible_tasks is None or t in eligible_tasks)
+            tasks = sorted(t for t in tb.task_slots if eligible_tasks is None or t in eligible_tasks)
             if task_weights is not None:
                 w = np.array([float(task_weights.get(t, 0.0)) for t in tasks])
                 if not np.all(np.isfinite(w)) or np.any(w < 0):
-                    raise CptError(f"replay task weights must be finite and >= 0, got "
-                                   f"{task_weights}")
+                    raise CptError(f"replay task weights must be finite and >= 0, got {task_weights}")
                 tasks = [t for t, x in zip(tasks, w) if x > 0]
                 w = w[w > 0]
             if not tasks:
                 which = "any task" if eligible_tasks is None else f"tasks {sorted(eligible_tasks)}"
                 if task_weights is not None:
                     which += f" with weight > 0 (weights {task_weights})"
-                raise CptError(f"replay buffer {self._tokens_path}: no stored rows of {which}; "
-                               f"rows per task: {tb.counts()}")
+                raise CptError(f"replay buffer {self._tokens_path}: no stored rows of {which}; rows per task: {tb.counts()}")
             counts = np.array([len(tb.task_slots[t]) for t in tasks])
             if task_weights is None:
                 u = self._rng_sample.integers(0, counts.sum(), size=n)
@@ -653,8 +666,7 @@ class ReplayBuffer:
             else:
                 k = self._rng_sample.choice(len(tasks), size=n, p=w / w.sum())
                 off = self._rng_sample.integers(0, counts[k])
-            return np.array([tb.task_slots[tasks[a]][b]
-                             for a, b in zip(k.tolist(), off.tolist())], dtype=np.int64)
+            return np.array([tb.task_slots[tasks[a]][b] for a, b in zip(k.tolist(), off.tolist())], dtype=np.int64)
 
     def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the rows in `slots` (in that order) and their task ids."""
@@ -668,8 +680,7 @@ class ReplayBuffer:
         with self._lock:
             fill = self._table.fill
             if len(slots) and (slots.min() < 0 or slots.max() >= fill):
-                raise IndexError(f"replay slots must lie in [0, {fill}), got "
-                                 f"[{slots.min()}, {slots.max()}]")
+                raise IndexError(f"replay slots must lie in [0, {fill}), got [{slots.min()}, {slots.max()}]")
             return self._rows[slots], self._table.slot_task[slots]
 
     # -- state ---------------------------------------------------------------------------
@@ -681,9 +692,15 @@ class ReplayBuffer:
     def _state(self) -> dict[str, Any]:
         tb = self._table
         return {
-            "format": _FORMAT, "row_len": self.row_len, "dtype": self.dtype.name,
-            "capacity_rows": self._capacity, "policy": self.policy, "seed": self.seed,
-            "shard": self.shard, "fill": tb.fill, "offered": tb.offered,
+            "format": _FORMAT,
+            "row_len": self.row_len,
+            "dtype": self.dtype.name,
+            "capacity_rows": self._capacity,
+            "policy": self.policy,
+            "seed": self.seed,
+            "shard": self.shard,
+            "fill": tb.fill,
+            "offered": tb.offered,
             "mark": self._mark,  # the journal epoch (offered at the last flush)
             "seen": [[t, tb.seen[t]] for t in tb.order],
             # each task's slots in list order; the order matters for identical future draws
@@ -701,11 +718,14 @@ class ReplayBuffer:
         taken after later inserts can only be loaded while the buffer is still exactly there.
         """
         where = f"replay buffer {self._tokens_path}"
-        for key, mine in (("row_len", self.row_len), ("dtype", self.dtype.name),
-                          ("capacity_rows", self._capacity), ("policy", self.policy)):
+        for key, mine in (
+            ("row_len", self.row_len),
+            ("dtype", self.dtype.name),
+            ("capacity_rows", self._capacity),
+            ("policy", self.policy),
+        ):
             if d.get(key) != mine:
-                raise CptError(f"{where}: saved state has {key}={d.get(key)!r}, "
-                               f"the buffer has {mine!r}")
+                raise CptError(f"{where}: saved state has {key}={d.get(key)!r}, the buffer has {mine!r}")
         if d.get("format") != _FORMAT:
             raise CptError(f"{where}: unknown state format {d.get('format')!r}")
         fill, offered = int(d["fill"]), int(d["offered"])
@@ -716,8 +736,7 @@ class ReplayBuffer:
         tb, journal = self._table, self._journal
         with self._lock:
             if fill > tb.rows:
-                raise CptError(f"{where}: state has {fill} rows but the file holds only "
-                               f"{tb.rows}")
+                raise CptError(f"{where}: state has {fill} rows but the file holds only {tb.rows}")
             slot_task, slot_pos = tb.layout(task_slots)
             restart = False
             if journal is not None:
@@ -726,7 +745,8 @@ class ReplayBuffer:
                         raise CptError(
                             f"{where}: the state was taken {offered - mark} row(s) after a flush "
                             f"and the buffer has moved on ({tb.offered} rows offered); only "
-                            f"states taken right after flush() can be restored")
+                            f"states taken right after flush() can be restored"
+                        )
                 else:
                     restart = self._undo_to(mark, slot_task[:fill], where) or mark != self._meta_mark
                     restart = restart or tb.offered != offered
@@ -751,8 +771,10 @@ class ReplayBuffer:
         """Restore the rows as of the flush at `mark` from the journals; True if any changed."""
         assert self._journal is not None
         if mark > self._mark:
-            raise CptError(f"{where}: the state ({mark} rows offered) is newer than the buffer "
-                           f"on disk ({self._mark}); it belongs to another copy of the buffer")
+            raise CptError(
+                f"{where}: the state ({mark} rows offered) is newer than the buffer "
+                f"on disk ({self._mark}); it belongs to another copy of the buffer"
+            )
         changed = self._journal.undo_to(mark, slot_task, self._rows, where)
         if changed:
             self._mm.flush()
@@ -801,8 +823,10 @@ class ReplayBuffer:
         self._close_fd()
 
     def __repr__(self) -> str:
-        return (f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self.fill}/"
-                f"{self._capacity or 'all'}, tasks={self.counts_per_task()})")
+        return (
+            f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self.fill}/"
+            f"{self._capacity or 'all'}, tasks={self.counts_per_task()})"
+        )
 
 
 # -- a kept buffer seen from outside: which run owns it, what it holds; copies and removal ---------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Self
 
 import numpy as np
 import torch
@@ -37,8 +36,7 @@ class ReplayPrefetcher:
         self._keys: set[int] = set()  # submitted and not yet collected
         self._pending = 0  # submitted and not yet read
         self._closed = False
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"replay-prefetch-{buffer.shard}")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"replay-prefetch-{buffer.shard}")
         self._thread.start()
         buffer.attach(self)
 
@@ -112,7 +110,7 @@ class ReplayPrefetcher:
         self._thread.join()
         self.buffer.detach(self)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ReplayPrefetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:

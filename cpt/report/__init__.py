@@ -33,7 +33,7 @@ from cpt.report.render import (
     to_html,
     to_markdown,
 )
-from cpt.runs import METRICS
+from cpt.runs import METRICS, main_metric
 
 __all__ = ["Run", "load_run", "write_report"]
 
@@ -90,17 +90,11 @@ class Run:
 
     @property
     def joint(self) -> bool:
-        return self.summary.get("strategy") == "joint" or len(self.matrix) == 1 < len(
-            self.tasks
-        )
+        return self.summary.get("strategy") == "joint" or len(self.matrix) == 1 < len(self.tasks)
 
     @property
     def row_labels(self) -> list[str]:
-        return (
-            ["joint (all)"]
-            if self.joint
-            else [f"after {t}" for t in self.tasks[: len(self.matrix)]]
-        )
+        return ["joint (all)"] if self.joint else [f"after {t}" for t in self.tasks[: len(self.matrix)]]
 
     @property
     def task_colors(self) -> dict[str, Any]:
@@ -112,11 +106,7 @@ class Run:
 
     @property
     def segment_labels(self) -> list[str]:
-        return (
-            ["train all tasks (joint)"]
-            if self.joint
-            else [f"train {t}" for t in self.tasks]
-        )
+        return ["train all tasks (joint)"] if self.joint else [f"train {t}" for t in self.tasks]
 
     def metric(self, key: str) -> float | None:
         v = self.summary.get(key)
@@ -151,9 +141,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == last:
                 break
-            raise CptError(
-                f"{path}:{i + 1}: not valid JSON (only the last line of a killed run may be cut short)"
-            ) from None
+            raise CptError(f"{path}:{i + 1}: not valid JSON (only the last line of a killed run may be cut short)") from None
         if isinstance(rec, dict):
             records.append(rec)
     return records
@@ -164,9 +152,7 @@ def load_run(path: Path) -> Run:
     path = Path(path)
     file = path / "summary.json"
     if not file.is_file():
-        raise CptError(
-            f"{file}: not found; pass run directories written by `cpt train`"
-        )
+        raise CptError(f"{file}: not found; pass run directories written by `cpt train`")
     try:
         s = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -174,22 +160,15 @@ def load_run(path: Path) -> Run:
     if not isinstance(s, dict):
         raise CptError(f"{file}: expected a JSON object")
     tasks = s.get("tasks")
-    if not (
-        isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)
-    ):
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
         raise CptError(f"{file}: 'tasks' must be a non-empty list of task names")
     try:
         rows = s["loss_matrix"]
         matrix = [[_number(v) for v in row] for row in rows]
-        if not 1 <= len(matrix) <= len(tasks) or any(
-            len(r) != len(tasks) for r in matrix
-        ):
+        if not 1 <= len(matrix) <= len(tasks) or any(len(r) != len(tasks) for r in matrix):
             raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise CptError(
-            f"{file}: 'loss_matrix' must be 1 to {len(tasks)} rows of {len(tasks)} numbers "
-            f"(one column per task)"
-        ) from None
+        raise CptError(f"{file}: 'loss_matrix' must be 1 to {len(tasks)} rows of {len(tasks)} numbers (one column per task)") from None
     for key in [
         *(c.key for c in METRICS),
         "wall_seconds",
@@ -205,17 +184,9 @@ def load_run(path: Path) -> Run:
     records = _read_metrics(path / "metrics.jsonl")
 
     def of_type(kind: str, field: str) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in records
-            if r.get("type") == kind
-            and _is_number(r.get("step"))
-            and isinstance(r.get(field), dict)
-        ]
+        return [r for r in records if r.get("type") == kind and _is_number(r.get("step")) and isinstance(r.get(field), dict)]
 
-    name = (
-        s["run"] if isinstance(s.get("run"), str) and s["run"] else path.resolve().name
-    )
+    name = s["run"] if isinstance(s.get("run"), str) and s["run"] else path.resolve().name
     return Run(
         name,
         path,
@@ -228,9 +199,7 @@ def load_run(path: Path) -> Run:
     )
 
 
-def _series(
-    records: list[dict[str, Any]], field: str, tasks: list[str]
-) -> dict[str, tuple[list[float], list[float]]]:
+def _series(records: list[dict[str, Any]], field: str, tasks: list[str]) -> dict[str, tuple[list[float], list[float]]]:
     """{key: (steps, values)} from each record's `field` dict; tasks first, in task order,
     then other keys such as "replay", so legends read in training order."""
     out: dict[str, tuple[list[float], list[float]]] = {}
@@ -265,9 +234,7 @@ def _table(runs: list[Run]) -> Table:
     ]
     rows: list[list[Any]] = []
     for r in runs:
-        tok = (
-            r.summary.get("tokens") if isinstance(r.summary.get("tokens"), dict) else {}
-        )
+        tok = r.summary.get("tokens") if isinstance(r.summary.get("tokens"), dict) else {}
         meta = r.summary.get("meta_updates")
         wall = r.metric("wall_seconds")
         rows.append(
@@ -288,13 +255,9 @@ def _details(r: Run) -> str:
     parts = [
         " → ".join(r.tasks),
         f"{s['steps']} steps" if isinstance(s.get("steps"), int) else None,
-        f"replay rate {s['replay_rate']:g}"
-        if r.metric("replay_rate") is not None
-        else None,
+        f"replay rate {s['replay_rate']:g}" if r.metric("replay_rate") is not None else None,
         f"alignment: {s['alignment']}" if s.get("alignment") else None,
-        f"{s['tokens_per_second']:,.0f} tokens/s"
-        if r.metric("tokens_per_second") is not None
-        else None,
+        f"{s['tokens_per_second']:,.0f} tokens/s" if r.metric("tokens_per_second") is not None else None,
         f"directory `{r.path}`",
     ]
     return " · ".join(p for p in parts if p)
@@ -303,16 +266,10 @@ def _details(r: Run) -> str:
 def _downstream_blocks(r: Run) -> list[Block]:
     """The run's lm-eval scores (summary.json `downstream`, written by `cpt eval --lm-eval`) as a
     checkpoint × benchmark table of each benchmark's main metric (± its standard error)."""
-    from cpt.downstream import main_metric
-
     scores = r.summary.get("downstream")
     if not isinstance(scores, dict):
         return []
-    rows = {
-        c: {b: m for b, m in v.items() if isinstance(m, dict) and main_metric(m)}
-        for c, v in scores.items()
-        if isinstance(v, dict)
-    }
+    rows = {c: {b: m for b, m in v.items() if isinstance(m, dict) and main_metric(m)} for c, v in scores.items() if isinstance(v, dict)}
 
     def order(name: str) -> tuple[int, int, str]:  # init, the task ends in training order, final, the rest
         m = re.match(r"task-(\d+)-", name)
@@ -347,9 +304,7 @@ def _downstream_blocks(r: Run) -> list[Block]:
     ]
 
 
-def write_report(
-    run_dirs: list[Path], out: Path, title: str = "cpt report"
-) -> dict[str, Path]:
+def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> dict[str, Path]:
     """Write report.md, report.html and the PNG figures for `run_dirs` into `out`.
 
     Returns {file name: path} for everything written. All runs are loaded (and validated)
@@ -359,18 +314,14 @@ def write_report(
         raise CptError("cpt report: give at least one run directory")
     runs = [load_run(Path(d)) for d in run_dirs]
     seen: dict[str, int] = {}
-    for (
-        r
-    ) in runs:  # runs are keyed by name in legends and file names: keep names unique
+    for r in runs:  # runs are keyed by name in legends and file names: keep names unique
         seen[r.name] = seen.get(r.name, 0) + 1
         r.name += f" ({seen[r.name]})" if seen[r.name] > 1 else ""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
 
-    def figure(
-        name: str, alt: str, draw: Callable[..., Path], *args: Any, **kw: Any
-    ) -> Image:
+    def figure(name: str, alt: str, draw: Callable[..., Path], *args: Any, **kw: Any) -> Image:
         written[name] = draw(out / name, *args, **kw)
         return Image(name, alt)
 
@@ -396,9 +347,7 @@ def write_report(
     first = {r.name: _series(r.evals, "losses", r.tasks).get(r.tasks[0]) for r in runs}
     if first := {k: v for k, v in first.items() if v}:
         seq = [r for r in runs if not r.joint and r.boundaries]
-        same = bool(seq) and all(
-            (r.boundaries, r.tasks) == (seq[0].boundaries, seq[0].tasks) for r in seq
-        )
+        same = bool(seq) and all((r.boundaries, r.tasks) == (seq[0].boundaries, seq[0].tasks) for r in seq)
         task0 = runs[0].tasks[0]
         blocks += [
             Heading("Loss on the first task across training"),

@@ -68,9 +68,7 @@ def loss_heatmap(
             ax.text(j, i, "—", ha="center", va="center")
             continue
         r, g, b, _ = cmap(norm(v))
-        dark = (
-            0.299 * r + 0.587 * g + 0.114 * b < 0.5
-        )  # luminance: keep the number readable
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # luminance: keep the number readable
         ax.text(
             j,
             i,
@@ -82,17 +80,13 @@ def loss_heatmap(
     if m.shape[0] == m.shape[1] > 1:
         # Outline the diagonal: the loss on each task right after learning it.
         for i in range(m.shape[0]):
-            ax.add_patch(
-                Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.5)
-            )
+            ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.5))
     fig.colorbar(im, ax=ax, label="held-out loss", shrink=0.9)
     ax.set_title(title, fontsize=11)
     return _save(fig, path)
 
 
-def _mark_segments(
-    ax: Axes, boundaries: Sequence[float], labels: Sequence[str]
-) -> None:
+def _mark_segments(ax: Axes, boundaries: Sequence[float], labels: Sequence[str]) -> None:
     """Dashed lines at task boundaries, alternate shading, and the trained task over each segment."""
     trans = blended_transform_factory(ax.transData, ax.transAxes)
     start = 0.0
@@ -146,9 +140,7 @@ def line_plot(
     return _save(fig, path)
 
 
-def compare_bars(
-    path: Path, runs: Sequence[str], metrics: Mapping[str, Sequence[float | None]]
-) -> Path:
+def compare_bars(path: Path, runs: Sequence[str], metrics: Mapping[str, Sequence[float | None]]) -> Path:
     """One panel per metric, one bar per run (missing values shown as "n/a"); lower is better.
 
     Panels rather than one shared axis because forgetting (~0.1-1) and losses (~3-5) differ in
@@ -159,9 +151,7 @@ def compare_bars(
     x = np.arange(len(runs))
     for ax, (name, values) in zip(axes, metrics.items(), strict=True):
         heights = [np.nan if v is None else v for v in values]
-        bars = ax.bar(
-            x, np.nan_to_num(heights), color=[color(i) for i in range(len(runs))]
-        )
+        bars = ax.bar(x, np.nan_to_num(heights), color=[color(i) for i in range(len(runs))])
         for bar, v in zip(bars, values, strict=True):
             ax.annotate(
                 "n/a" if v is None else f"{v:.3f}",
@@ -173,9 +163,7 @@ def compare_bars(
                 fontsize=8,
             )
         tilt = max(map(len, runs)) > 8  # long run names overlap when horizontal
-        ax.set_xticks(
-            x, runs, rotation=30 if tilt else 0, ha="right" if tilt else "center"
-        )
+        ax.set_xticks(x, runs, rotation=30 if tilt else 0, ha="right" if tilt else "center")
         ax.set_title(f"{name} (lower is better)", fontsize=10)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)

@@ -68,19 +68,13 @@ def _cells(table: Table) -> list[list[tuple[str, bool]]]:
     """Each cell as (text, bold)."""
     best: dict[int, float] = {}
     for c in table.lower_is_better:
-        vals = [
-            r[c] for r in table.rows if isinstance(r[c], float) and not math.isnan(r[c])
-        ]
+        vals = [r[c] for r in table.rows if isinstance(r[c], float) and not math.isnan(r[c])]
         if len(vals) >= 2:
             best[c] = min(vals)
     return [
         [
             (
-                "—"
-                if v is None or (isinstance(v, float) and math.isnan(v))
-                else f"{v:.3f}"
-                if isinstance(v, float)
-                else str(v),
+                "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" if isinstance(v, float) else str(v),
                 isinstance(v, float) and best.get(c) == v,
             )
             for c, v in enumerate(row)
@@ -106,15 +100,8 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
                 return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
             out.append(line(b.header))
-            out.append(
-                "|"
-                + "|".join(":---" if i < 2 else "---:" for i in range(len(b.header)))
-                + "|"
-            )
-            out += [
-                line([f"**{t}**" if bold else t for t, bold in row])
-                for row in _cells(b)
-            ]
+            out.append("|" + "|".join(":---" if i < 2 else "---:" for i in range(len(b.header))) + "|")
+            out += [line([f"**{t}**" if bold else t for t, bold in row]) for row in _cells(b)]
             out.append("")
     return "\n".join(out)
 
@@ -136,29 +123,18 @@ def to_html(title: str, blocks: list[Block], image_dir: Path) -> str:
         elif isinstance(b, Para):
             out.append(f"<p>{_inline(b.text)}</p>")
         elif isinstance(b, Bullets):
-            out.append(
-                "<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>"
-            )
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Image):
             data = base64.b64encode((image_dir / b.file).read_bytes()).decode("ascii")
-            out.append(
-                f'<img alt="{html.escape(b.alt)}" src="data:image/png;base64,{data}">'
-            )
+            out.append(f'<img alt="{html.escape(b.alt)}" src="data:image/png;base64,{data}">')
         elif isinstance(b, Table):
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
             rows = "".join(
                 "<tr>"
-                + "".join(
-                    f"<td><strong>{html.escape(t)}</strong></td>"
-                    if bold
-                    else f"<td>{html.escape(t)}</td>"
-                    for t, bold in row
-                )
+                + "".join(f"<td><strong>{html.escape(t)}</strong></td>" if bold else f"<td>{html.escape(t)}</td>" for t, bold in row)
                 + "</tr>"
                 for row in _cells(b)
             )
-            out.append(
-                f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     out.append("</body></html>\n")
     return "\n".join(out)

@@ -251,12 +251,27 @@ def write_scaling_report(rows: list[dict], out: Path, title: str = "cpt sweep") 
     ]
     if points:
         written["scaling.png"] = scaling_plot(out / "scaling.png", points)
-        blocks += [Heading("Loss and forgetting against compute"), Image("scaling.png", "average final loss and forgetting against training FLOPs")]
+        blocks += [
+            Heading("Loss and forgetting against compute"),
+            Image("scaling.png", "average final loss and forgetting against training FLOPs"),
+        ]
         keys = list(points[0]["grid"])  # the other grid keys, one column each
         blocks += [
             Heading("Grid points (mean ± sd over seeds)"),
             Table(
-                ["model", "parameters", "replay rate", "alignment", *keys, "seeds", "training FLOPs", "avg final loss", "± sd", "forgetting", "± sd"],
+                [
+                    "model",
+                    "parameters",
+                    "replay rate",
+                    "alignment",
+                    *keys,
+                    "seeds",
+                    "training FLOPs",
+                    "avg final loss",
+                    "± sd",
+                    "forgetting",
+                    "± sd",
+                ],
                 [
                     [
                         p["preset"],

@@ -94,7 +94,9 @@ def prepare_data(cfg: RunConfig, is_main: bool, log) -> Data:
 
 
 # ------------------------------------------------------------------ model
-def model_and_parallel(cfg: RunConfig, data: Data, device: torch.device, autocast_dtype, world: int, log) -> tuple[torch.nn.Module, OneProcess]:
+def model_and_parallel(
+    cfg: RunConfig, data: Data, device: torch.device, autocast_dtype, world: int, log
+) -> tuple[torch.nn.Module, OneProcess]:
     """The run's model on its device, wrapped for one process, DDP or FSDP2 (and compiled if asked)."""
     tr = cfg.training
     model = model_for(cfg, data.tokenizer.vocab_size, data.tokenizer.eos_id)
@@ -208,11 +210,24 @@ def hooks_for(
     return hooks
 
 
-def probe_for(cfg: RunConfig, model, tasks, rank: int, world: int, plan: StepPlan, autocast_dtype, is_main: bool, source) -> AlignmentProbe | None:
+def probe_for(
+    cfg: RunConfig, model, tasks, rank: int, world: int, plan: StepPlan, autocast_dtype, is_main: bool, source
+) -> AlignmentProbe | None:
     al = cfg.alignment
     if not al.probe_every:
         return None
     return AlignmentProbe(
-        model, tasks, cfg.training.seq_len, cfg.seed, rank, world, al.probe_every, al.probe_batch_size,
-        plan.task_of_step, autocast_dtype, is_main, buffer=source.buffer, eligible=source.eligible_tasks,
+        model,
+        tasks,
+        cfg.training.seq_len,
+        cfg.seed,
+        rank,
+        world,
+        al.probe_every,
+        al.probe_batch_size,
+        plan.task_of_step,
+        autocast_dtype,
+        is_main,
+        buffer=source.buffer,
+        eligible=source.eligible_tasks,
     )

@@ -17,6 +17,11 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from cpt.errors import CptError
 
 
 def world_info() -> tuple[int, int, int]:
@@ -76,8 +81,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of an HF causal LM (`model.model.layers` for Llama, Qwen2, Mistral …)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        from cpt.errors import CptError
-
         raise CptError(f"training.parallel: fsdp needs a model with model.model.layers; {type(model).__name__} has none")
     return list(layers)
 
@@ -89,8 +92,6 @@ def shard_model(model: torch.nn.Module, mixed_bf16: bool, compile_layers: bool =
     only the local shards, and so does a Reptile anchor made from it. With `mixed_bf16`, layers
     compute in bf16 and gradients are reduced in fp32 (the sharded master weights stay fp32).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         if compile_layers:
@@ -101,25 +102,17 @@ def shard_model(model: torch.nn.Module, mixed_bf16: bool, compile_layers: bool =
 
 def full_state_dict(model: torch.nn.Module) -> dict:
     """Collective: the whole (unsharded) model state on rank 0, on CPU; an empty dict elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
     """Collective: every rank writes its own shards of model and optimizer state (torch distributed checkpoint)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
 
 
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
     """Collective: read the shards written by `save_sharded` (same world size) into model and optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(directory))

@@ -49,7 +49,9 @@ class Evaluator:
             mine = windows[self.rank :: self.world]  # each rank evaluates its share; sums are reduced
             batches = p.eval_min_batches(len(windows), self.batch_size)
             total, count = (
-                evaluate.heldout_loss(p.forward_model, mine, self.batch_size, p.device, p.autocast_dtype, min_batches=batches, pad=windows[:1])
+                evaluate.heldout_loss(
+                    p.forward_model, mine, self.batch_size, p.device, p.autocast_dtype, min_batches=batches, pad=windows[:1]
+                )
                 if len(mine) or batches
                 else (0.0, 0)
             )

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters  # private but stable since torch 2.0; only read when compiling
 from tqdm.auto import tqdm
 
 from cpt import atomic, evaluate, flops
@@ -76,7 +77,9 @@ class Run:
             cfg, self.out, self.run_id, self.rank, self.world, self.tokenizer.vocab_size, self.resume, self.log
         )
         self.source = build.source_for(cfg, self.streams, self.plan, self.buffer, self.prefetcher, self.replay_task_offset)
-        self.probe = build.probe_for(cfg, self.model, self.tasks, self.rank, self.world, self.plan, self.autocast_dtype, self.is_main, self.source)
+        self.probe = build.probe_for(
+            cfg, self.model, self.tasks, self.rank, self.world, self.plan, self.autocast_dtype, self.is_main, self.source
+        )
         self.hooks = build.hooks_for(cfg, self.source, self.meta, self.optimizer, self.plan, self.probe)
 
     # ---------------------------------------------------------------- the step
@@ -116,7 +119,9 @@ class Run:
         if self.progress.nan_skipped > allowed:
             good = ckpt.list_checkpoints(self.out / "checkpoints")
             where = f"; last good checkpoint: {good[-1]}" if good else ""
-            raise CptError(f"step {step}: the training loss is {loss} (NaN/Inf); stopping{where}. Lower training.lr or raise training.nan_skip")
+            raise CptError(
+                f"step {step}: the training loss is {loss} (NaN/Inf); stopping{where}. Lower training.lr or raise training.nan_skip"
+            )
         self.log(f"warning: step {step}: loss {loss}; batch skipped ({self.progress.nan_skipped}/{allowed})")
 
     # ---------------------------------------------------------------- the loop
@@ -225,7 +230,9 @@ class Run:
     def state_dict(self) -> dict:
         """Collective: {"progress", "model", "optimizer", "rngs" (per rank), <hook name>: its state (per rank where it says so)}."""
         progress = replace(
-            self.progress, wall_seconds=self.progress.wall_seconds + (time.perf_counter() - self.t_start), metrics_offset=self.metrics.offset()
+            self.progress,
+            wall_seconds=self.progress.wall_seconds + (time.perf_counter() - self.t_start),
+            metrics_offset=self.metrics.offset(),
         )
         state = {
             "progress": progress.state_dict(),
@@ -368,6 +375,4 @@ class Run:
 
 def _compiled_graphs() -> int:
     """Graphs torch.compile (dynamo) has compiled in this process: > 0 once a compiled module ran."""
-    from torch._dynamo.utils import counters  # private but stable since torch 2.0; only read when compiling
-
     return int(counters["stats"]["unique_graphs"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 DEFAULT_CHUNK = 256
 
@@ -97,16 +98,21 @@ def supports_fused_loss(model: torch.nn.Module) -> bool:
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False
-    from torch.distributed.fsdp import FSDPModule
-
     if isinstance(model, FSDPModule):  # the root's hooks gather lm_head only when the whole model is called
         return False
     base = getattr(model, "_orig_mod", model)
     head = getattr(base, "lm_head", None)
-    return isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(base, "model") and getattr(base.config, "final_logit_softcapping", None) is None
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and hasattr(base, "model")
+        and getattr(base.config, "final_logit_softcapping", None) is None
+    )
 
 
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK, body: torch.nn.Module | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK, body: torch.nn.Module | None = None
+) -> torch.Tensor:
     """Mean next-token loss of an HF causal LM, equal to
     `F.cross_entropy(model(input_ids=input_ids).logits.float().reshape(-1, V), targets.reshape(-1))`
     to float rounding, without materialising the [tokens, vocab] logits (see the module docstring).

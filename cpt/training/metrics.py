@@ -25,7 +25,7 @@ class MetricsLog:
         self.tb = None
         if tensorboard_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency (cpt[tensorboard])
+                from torch.utils.tensorboard import SummaryWriter  # why lazy: needs the optional tensorboard (cpt[tensorboard])
             except ImportError:
                 raise CptError("logging.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
             # a resumed run re-logs the steps after its checkpoint: TensorBoard drops the events the killed
