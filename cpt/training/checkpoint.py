@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 from cpt import atomic
+from cpt.config import CheckpointConfig
 from cpt.errors import CptError
+from cpt.training import distributed
+from cpt.training.device import rng_state, set_rng_state
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -165,3 +168,74 @@ def load_latest(root: Path, log=print) -> tuple[Path, dict] | None:
         except CptError as err:
             log(f"warning: skipping checkpoint {directory}: {err}")
     return None
+
+
+class Checkpointer:
+    """When a run saves (every `checkpoint.every` steps and at every task end) and what a checkpoint holds.
+
+    The state is a registry of the run's stateful parts: {"progress": Progress, "model", "optimizer"
+    (None under FSDP2: their shards are in dcp/), "rngs": [one per rank], <hook name>: the hook's
+    state_dict() (a list, one per rank, for hooks with `per_rank`)}. A hook with `save_shard` /
+    `load_shard` also writes a per-rank file under FSDP2 (Reptile's anchor shard).
+    """
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, parallel, optimizer: torch.optim.Optimizer, rank: int, world: int):
+        self.root, self.every, self.keep = root, cfg.every, cfg.keep
+        self.parallel, self.optimizer = parallel, optimizer
+        self.rank, self.world = rank, world
+
+    def should_save(self, step: int, task_end: bool) -> bool:
+        return task_end or bool(self.every and step % self.every == 0)
+
+    def state_dict(self, progress: Progress, hooks: list) -> dict:
+        """Collective: every rank takes part (per-rank parts are gathered)."""
+        state = {
+            "progress": progress.state_dict(),
+            "model": self.parallel.model_state(),
+            "optimizer": self.parallel.optimizer_state(self.optimizer),
+            "rngs": distributed.gather_to_all(rng_state()),
+        }
+        for hook in hooks:
+            part = hook.state_dict()
+            state[hook.name] = distributed.gather_to_all(part) if getattr(hook, "per_rank", False) else part
+        return state
+
+    def save(self, progress: Progress, hooks: list, buffer=None) -> None:
+        """Collective: write `step-<progress.step>` (rank 0 renames it into place once every rank wrote its files)."""
+        if buffer is not None:
+            # the buffer keeps an undo journal per checkpoint so any kept checkpoint can be restored
+            buffer.flush(keep_journals=self.keep + 1)
+        staged = None
+        if self.parallel.sharded:
+            staged = staging_dir(self.root, progress.step)
+            if self.rank == 0:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            distributed.barrier()
+            self.parallel.save_shards(self.optimizer, staged)  # collective
+            for hook in hooks:
+                if hasattr(hook, "save_shard"):
+                    hook.save_shard(staged, self.rank)
+            distributed.barrier()
+        state = self.state_dict(progress, hooks)
+        if self.rank == 0:
+            save_checkpoint(self.root, progress.step, state, self.keep, staged=staged)
+        distributed.barrier()
+
+    def load(self, state: dict, directory: Path, hooks: list) -> Progress:
+        """Restore every part from `state` (read from `directory`); returns the progress to continue from."""
+        if len(state["rngs"]) != self.world:
+            raise CptError(
+                f"{directory.parent.parent}: the checkpoint was written by {len(state['rngs'])} process(es); "
+                f"resume with the same number (now {self.world})"
+            )
+        self.parallel.load(self.optimizer, state, directory)
+        for hook in hooks:
+            part = state.get(hook.name)
+            part = part[self.rank] if getattr(hook, "per_rank", False) and part is not None else part
+            if hasattr(hook, "load_shard") and self.parallel.sharded:
+                hook.load_shard(part, directory, self.rank, load_state)
+            else:
+                hook.load_state_dict(part)
+        set_rng_state(state["rngs"][self.rank])
+        return Progress.from_state(state["progress"])

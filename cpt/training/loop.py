@@ -12,7 +12,6 @@ when to save — and stops cleanly on a signal. The run directory's layout is in
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -29,7 +28,7 @@ from cpt.model import count_parameters, save_hf
 from cpt.replay.mixing import replay_shortfall
 from cpt.training import build, distributed
 from cpt.training import checkpoint as ckpt
-from cpt.training.device import configure_cpu, precision, resolve_device, rng_state, set_rng_state
+from cpt.training.device import configure_cpu, precision, resolve_device
 from cpt.training.evaluator import Evaluator
 from cpt.training.metrics import TrainMeter, open_metrics
 from cpt.training.optim import optimizer_for
@@ -67,6 +66,7 @@ class Run:
         self.meta = build.reptile_for(cfg, self.optimizer, self.plan, self.parallel.sharded)
         self.evaluator = Evaluator(self.tasks, cfg.training, self.parallel, self.tokenizer.eos_id, self.rank, self.world, log)
         self.progress = ckpt.Progress()
+        self.checkpointer = ckpt.Checkpointer(out / "checkpoints", cfg.checkpoint, self.parallel, self.optimizer, self.rank, self.world)
         self.resumed_from: Path | None = None  # the checkpoint directory a resume reads
         self.stop_requested = False
 
@@ -172,7 +172,7 @@ class Run:
                     self._train_line(meter, task, bar)
                 if self.evaluator.should_evaluate(p.step, task_end):
                     self._evaluate(task, task_end)
-                if self._should_checkpoint(task_end) or self.stop_requested:
+                if self.checkpointer.should_save(p.step, task_end) or self.stop_requested:
                     self.save_resumable()
                 if self.stop_requested:  # agreed across ranks in the step, so all of them checkpointed together
                     bar.close()
@@ -221,68 +221,17 @@ class Run:
         if warning and self.buffer is not None:
             self.log(f"warning: task {self.row_names[task]}: {warning}")
 
-    def _should_checkpoint(self, task_end: bool) -> bool:
-        """Every task end, and every checkpoint.every steps."""
-        every = self.cfg.checkpoint.every
-        return task_end or bool(every and self.progress.step % every == 0)
-
-    # ---------------------------------------------------------------- checkpoints: a registry of stateful parts
-    def state_dict(self) -> dict:
-        """Collective: {"progress", "model", "optimizer", "rngs" (per rank), <hook name>: its state (per rank where it says so)}."""
-        progress = replace(
-            self.progress,
-            wall_seconds=self.progress.wall_seconds + (time.perf_counter() - self.t_start),
-            metrics_offset=self.metrics.offset(),
-        )
-        state = {
-            "progress": progress.state_dict(),
-            # under FSDP2 model and optimizer shards are written by every rank through DCP (save_resumable)
-            "model": self.parallel.model_state(),
-            "optimizer": self.parallel.optimizer_state(self.optimizer),
-            "rngs": distributed.gather_to_all(rng_state()),
-        }
-        for hook in self.hooks:
-            part = hook.state_dict()
-            state[hook.name] = distributed.gather_to_all(part) if getattr(hook, "per_rank", False) else part
-        return state
-
-    def load_state_dict(self, state: dict, directory: Path) -> None:
-        if len(state["rngs"]) != self.world:
-            raise CptError(
-                f"{self.out}: the checkpoint was written by {len(state['rngs'])} process(es); resume with the same number (now {self.world})"
-            )
-        self.parallel.load(self.optimizer, state, directory)
-        for hook in self.hooks:
-            part = state.get(hook.name)
-            part = part[self.rank] if getattr(hook, "per_rank", False) and part is not None else part
-            if hasattr(hook, "load_shard") and self.parallel.sharded:
-                hook.load_shard(part, directory, self.rank, ckpt.load_state)
-            else:
-                hook.load_state_dict(part)
-        set_rng_state(state["rngs"][self.rank])
-        self.progress = ckpt.Progress.from_state(state["progress"])
+    # ---------------------------------------------------------------- checkpoints (cpt.training.checkpoint.Checkpointer)
+    def snapshot(self) -> ckpt.Progress:
+        """The progress record as a checkpoint keeps it: wall time so far and the metrics offset."""
+        elapsed = time.perf_counter() - self.t_start
+        return replace(self.progress, wall_seconds=self.progress.wall_seconds + elapsed, metrics_offset=self.metrics.offset())
 
     def save_resumable(self) -> None:
-        if self.buffer is not None:
-            # the buffer keeps an undo journal per checkpoint so any kept checkpoint can be restored
-            self.buffer.flush(keep_journals=self.cfg.checkpoint.keep + 1)
-        root = self.out / "checkpoints"
-        staged = None
-        if self.parallel.sharded:
-            staged = ckpt.staging_dir(root, self.progress.step)
-            if self.is_main:
-                shutil.rmtree(staged, ignore_errors=True)
-                staged.mkdir(parents=True)
-            distributed.barrier()
-            self.parallel.save_shards(self.optimizer, staged)  # collective
-            for hook in self.hooks:
-                if hasattr(hook, "save_shard"):
-                    hook.save_shard(staged, self.rank)
-            distributed.barrier()
-        state = self.state_dict()  # collective: every rank takes part
-        if self.is_main:
-            ckpt.save_checkpoint(root, self.progress.step, state, self.cfg.checkpoint.keep, staged=staged)
-        distributed.barrier()
+        self.checkpointer.save(self.snapshot(), self.hooks, self.buffer)
+
+    def load_state_dict(self, state: dict, directory: Path) -> None:
+        self.progress = self.checkpointer.load(state, directory, self.hooks)
 
     def save_hf_checkpoint(self, directory: Path) -> None:
         """An HF checkpoint of the current weights, written by rank 0 (under FSDP2 gathered from every rank first)."""
