@@ -5,6 +5,20 @@ of. In a `.txt` file (optionally `.gz` / `.xz`) documents are separated by one o
 lines; in `.jsonl` each line is a document (its `text_field`); in `.parquet` and HF `datasets`
 directories each row is one. Text that is not valid UTF-8 is skipped document by document and
 counted (`ReadStats.skipped_non_utf8`), so one bad byte does not cost a whole corpus.
+
+Memory: `.txt` and `.jsonl` sources (plain, `.gz`, `.xz`) are read as a stream, in chunks of
+`_CHUNK` decompressed bytes, so peak memory is bounded by the largest document plus a chunk, not
+by the file; the documents and `ReadStats` counts are exactly those of splitting the whole
+decompressed file at once. A read or decompression error can therefore come after some documents
+were yielded (a caller writing a cache entry discards the entry).
+
+Fingerprints: `content_fingerprint(path, cache)` hashes every byte the first time it sees a file
+and, given a cache directory, keeps the hash in `<cache>/fingerprints/` keyed by the resolved path
+and the file's (size, mtime_ns); a later call whose stat matches returns the kept hash without
+reading the file, so a warm start costs a stat per file instead of a pass over every byte. The
+trade-off: a file rewritten in place with the same size and the same mtime_ns (a tool that resets
+the mtime, or a write within the filesystem's timestamp granularity) is not noticed; delete
+`<cache>/fingerprints/` (or touch the file) to force a re-hash.
 """
 
 from __future__ import annotations
@@ -14,15 +28,23 @@ import hashlib
 import json
 import lzma
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cpt import atomic
 from cpt.errors import CptError
 
 _BLANK_LINES = re.compile(rb"\r?\n[ \t]*\r?\n(?:[ \t]*\r?\n)*")
+# what the greedy tail of a _BLANK_LINES match tries next: where this stops short of the buffer's end,
+# the tail has failed on bytes already read, so more input cannot lengthen the match
+_TAIL_PROBE = re.compile(rb"[ \t]*\r?")
+_CHUNK = 1 << 20
+_FINGERPRINT_VERSION = 1
+_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
 @dataclass
@@ -51,30 +73,117 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     raise CptError(f"{path}: unknown data format; use .txt, .jsonl, .parquet or a datasets directory (or set tasks.N.format)")
 
 
-def _open_bytes(path: Path) -> bytes:
+def _open_stream(path: Path):
+    """The (decompressed) bytes of a `.txt` / `.jsonl` source as a binary file object."""
     name = path.name.lower()
     try:
         if name.endswith(".gz"):
-            return gzip.decompress(path.read_bytes())
+            return gzip.open(path, "rb")
         if name.endswith(".xz"):
-            return lzma.decompress(path.read_bytes())
-        return path.read_bytes()
-    except (OSError, EOFError, lzma.LZMAError) as err:
+            return lzma.open(path, "rb")
+        return open(path, "rb")
+    except _READ_ERRORS as err:
         raise CptError(f"{path}: cannot read: {err}") from None
 
 
-def content_fingerprint(path: Path) -> str:
-    """sha256 over a file's bytes, or over every file (name + bytes) of a directory."""
-    if not path.exists():
-        raise CptError(f"{path}: data file not found (tasks.N.path)")
+def _chunks(path: Path) -> Iterator[bytes]:
+    with _open_stream(path) as fh:
+        while True:
+            try:
+                chunk = fh.read(_CHUNK)  # read at call time: a test shrinks it to put boundaries everywhere
+            except _READ_ERRORS as err:
+                raise CptError(f"{path}: cannot read: {err}") from None
+            if not chunk:
+                return
+            yield chunk
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines, each ending in b"\\n" (but perhaps the last)."""
+    with _open_stream(path) as fh:
+        while True:
+            try:
+                line = fh.readline()
+            except _READ_ERRORS as err:
+                raise CptError(f"{path}: cannot read: {err}") from None
+            if not line:
+                return
+            yield line
+
+
+def split_blocks(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """`_BLANK_LINES.split(b"".join(chunks))`, block for block, holding only the unfinished block in memory.
+
+    A match is final once the probe for its greedy tail stops before the end of the buffer (it failed
+    on bytes already read). Every match attempt that ran into the end of the buffer started inside
+    the buffer's trailing run of [ \\t\\r\\n] (a prefix of the pattern is whitespace only), so the
+    next search resumes there rather than rescanning a long unfinished document.
+    """
+    buf = bytearray()
+    scan = 0
+    for chunk in chunks:
+        buf += chunk
+        start = 0
+        for m in _BLANK_LINES.finditer(buf, scan):
+            if _TAIL_PROBE.match(buf, m.end()).end() >= len(buf):
+                break  # the separator may go on in the next chunk
+            yield bytes(buf[start : m.start()])
+            start = m.end()
+        del buf[:start]
+        scan = len(buf)
+        while scan > 0 and buf[scan - 1] in b" \t\r\n":
+            scan -= 1
+    yield from _BLANK_LINES.split(bytes(buf))
+
+
+def _stat_key(f: Path) -> list[int]:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _hash_files(path: Path, files: list[Path]) -> str:
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def content_fingerprint(path: Path, cache: Path | None = None) -> str:
+    """sha256 over a file's name and bytes, or over every file (relative name + bytes) of a directory.
+
+    With `cache` (a cache directory) the hash is kept in `<cache>/fingerprints/<hash of the resolved
+    path>.json` with the (size, mtime_ns) of every file it covers, and returned from there while
+    they all still match (see the module docstring for the trade-off); the value is the same as
+    without a cache. The stats are taken before hashing and checked again after, so a file that
+    changed while it was being hashed is not recorded.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CptError(f"{path}: data file not found (tasks.N.path)")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if cache is None:
+        return _hash_files(path, files)
+    resolved = str(path.resolve())
+    # a directory's hash runs over all its files at once, so its entry holds every file's stat
+    stats = [[str(f.relative_to(path)) if path.is_dir() else f.name, *_stat_key(f)] for f in files]
+    entry_file = Path(cache) / "fingerprints" / f"{hashlib.sha256(resolved.encode()).hexdigest()[:32]}.json"
+    try:
+        entry = json.loads(entry_file.read_text(encoding="utf-8"))
+        if entry.get("version") == _FINGERPRINT_VERSION and entry.get("path") == resolved and entry.get("files") == stats:
+            return entry["fingerprint"]
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass  # absent or unreadable: hash again and rewrite it
+    fingerprint = _hash_files(path, files)
+    if [[name, *_stat_key(f)] for (name, *_), f in zip(stats, files)] == stats:
+        try:
+            entry_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(entry_file, {"version": _FINGERPRINT_VERSION, "path": resolved, "files": stats, "fingerprint": fingerprint})
+        except OSError:
+            pass  # a read-only cache only costs the next run another pass over the bytes
+    return fingerprint
 
 
 def iter_documents(path: str | Path, fmt: str = "auto", text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
@@ -107,8 +216,7 @@ def _emit(text: str, stats: ReadStats) -> Iterator[str]:
 
 
 def _iter_txt(path: Path, stats: ReadStats) -> Iterator[str]:
-    data = _open_bytes(path)
-    for block in _BLANK_LINES.split(data):
+    for block in split_blocks(_chunks(path)):
         try:
             text = block.decode("utf-8")
         except UnicodeDecodeError:
@@ -118,8 +226,10 @@ def _iter_txt(path: Path, stats: ReadStats) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
-    data = _open_bytes(path)
-    for lineno, raw in enumerate(data.splitlines(), 1):
+    # bytes.splitlines also breaks at a lone \r; a \r ends a line of the file only before \n or at
+    # the end, so splitting each \n-terminated line numbers the lines as splitting the whole file did
+    raw_lines = (part for line in _lines(path) for part in line.splitlines())
+    for lineno, raw in enumerate(raw_lines, 1):
         if not raw.strip():
             continue
         try:

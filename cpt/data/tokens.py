@@ -5,6 +5,12 @@ token ids (uint16 when the vocabulary fits, else uint32) with the EOS id after e
 and `meta.json` records counts and dtype. An entry is written whole (`cpt.atomic.written_whole`): it
 is complete or absent, never a part. The key hashes the source's bytes, the tokenizer and
 the split settings, so a second run (or a second strategy over the same tasks) re-uses it.
+`meta.json` also records the largest token id of each split (`max_train_id`, `max_val_id`, EOS
+included), so `check_token_range` on a warm start reads no token file; entries written before
+these fields existed are scanned instead.
+
+Memory: documents are streamed from the reader and tokenized `batch_docs` (512) at a time, so
+preparing a task holds one batch of documents and ids, never the whole source or all its ids.
 
 The validation split is fixed and made of whole documents: document i is held out when the
 fractional part of (i + 1)·φ (golden ratio) is below `val_fraction`. That spreads held-out
@@ -58,21 +64,26 @@ class TaskTokens:
     meta: dict
 
 
-def source_key(path: Path, fmt: str, text_field: str) -> str:
+def source_key(path: Path, fmt: str, text_field: str, cache: Path | None = None) -> str:
+    """A task source's content key; with `cache` (the cache directory) the content hash is kept across
+    runs by (path, size, mtime_ns), so a warm start does not re-read the bytes (`content_fingerprint`)."""
     h = hashlib.sha256()
-    h.update(content_fingerprint(path).encode())
+    h.update(content_fingerprint(path, cache).encode())
     h.update(f"|{detect_format(path, fmt)}|{text_field}".encode())
     return h.hexdigest()[:24]
 
 
-def _write_tokens(docs: Iterator[str], tok: TextTokenizer, out: Path, dtype: np.dtype, batch_docs: int = 512) -> int:
-    """Tokenize in batches (the Rust tokenizer parallelises each batch) and append with EOS."""
+def _write_tokens(docs: Iterator[str], tok: TextTokenizer, out: Path, dtype: np.dtype, batch_docs: int = 512) -> tuple[int, int]:
+    """Tokenize in batches (the Rust tokenizer parallelises each batch) and append with EOS; returns
+    (tokens written, largest id written or -1 when none)."""
     count = 0
+    top = -1
     eos = tok.eos_id
     with open(out, "wb") as fh:
         batch: list[str] = []
 
         def flush() -> int:
+            nonlocal top
             if not batch:
                 return 0
             ids = tok.encode_batch(batch)
@@ -80,6 +91,8 @@ def _write_tokens(docs: Iterator[str], tok: TextTokenizer, out: Path, dtype: np.
             if flat.size and (flat.max() >= np.iinfo(dtype).max + 1 or flat.min() < 0):
                 raise CptError(f"{out}: token id {int(flat.max())} does not fit {dtype}")
             fh.write(flat.astype(dtype).tobytes())
+            if flat.size:
+                top = max(top, int(flat.max()))
             batch.clear()
             return int(flat.size)
 
@@ -88,7 +101,7 @@ def _write_tokens(docs: Iterator[str], tok: TextTokenizer, out: Path, dtype: np.
             if len(batch) >= batch_docs:
                 count += flush()
         count += flush()
-    return count
+    return count, top
 
 
 def prepare_task(
@@ -120,14 +133,15 @@ def prepare_task(
         t0 = time.perf_counter()
         stats = ReadStats()
         counts = {}
+        tops = {}
         val_stats = ReadStats()
         # written whole (a failure or a kill leaves no entry); replace=False: when another process
         # finished the same entry first, its entry is kept and ours discarded
         with atomic.written_whole(directory, replace=False) as tmp:
-            counts["train"] = _write_tokens(
+            counts["train"], tops["train"] = _write_tokens(
                 split_documents(iter_documents(path, fmt, text_field, stats), val_fraction, "train"), tok, tmp / "train.bin", dtype
             )
-            counts["val"] = _write_tokens(
+            counts["val"], tops["val"] = _write_tokens(
                 split_documents(iter_documents(path, fmt, text_field, val_stats), val_fraction, "val"), tok, tmp / "val.bin", dtype
             )
             seconds = time.perf_counter() - t0
@@ -145,6 +159,8 @@ def prepare_task(
                 "bytes": stats.bytes,
                 "train_tokens": counts["train"],
                 "val_tokens": counts["val"],
+                "max_train_id": tops["train"],
+                "max_val_id": tops["val"],
                 "dtype": dtype.name,
                 "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id,
@@ -185,9 +201,14 @@ def prepare_for(task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key
 
 
 def check_token_range(task: TaskTokens, vocab_size: int) -> None:
-    """Ids beyond the model's embedding table would crash deep inside the model; say so up front."""
+    """Ids beyond the model's embedding table would crash deep inside the model; say so up front.
+
+    Uses the maxima `prepare_task` stored in meta.json; scans the token file only for an entry
+    written before they were stored."""
     for split, arr in (("train", task.train), ("val", task.val)):
-        top = int(arr.max()) if arr.size else 0
+        top = task.meta.get(f"max_{split}_id")
+        if not isinstance(top, int):
+            top = int(arr.max()) if arr.size else 0
         if top >= vocab_size:
             raise CptError(
                 f"task {task.name!r}: token id {top} in {task.directory / (split + '.bin')} is outside the "

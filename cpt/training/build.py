@@ -85,7 +85,7 @@ def prepare_data(cfg: RunConfig, is_main: bool, log) -> Data:
     cache = cache_root(cfg.cache_dir)
     if not is_main:
         distributed.barrier()
-    keys = [source_key(Path(t.path), t.format, t.text_field) for t in cfg.tasks]  # reads each file once
+    keys = [source_key(Path(t.path), t.format, t.text_field, cache) for t in cfg.tasks]  # hashes each file once; warm: a stat per file
     tokenizer = load_or_train_tokenizer(cfg, cache, keys)
     tasks = [prepare_for(t, tokenizer, cache, log=log, key_of_source=key) for key, t in zip(keys, cfg.tasks)]
     if is_main:
