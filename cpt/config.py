@@ -63,16 +63,32 @@ class TokenizerConfig(Section):
 
 class TaskConfig(Section):
     name: str = Field(..., min_length=1, description="Short task name used in tables and plots (e.g. `fr`).")
-    path: str = Field(
+    path: str | list[str] = Field(
         ...,
-        description="Training text: `.txt` (documents separated by a blank line; `.gz`/`.xz` allowed), "
-        "`.jsonl` (one JSON object per line with a text field), `.parquet`, or a directory written by "
-        "`datasets.Dataset.save_to_disk`. Relative paths are relative to the config file.",
+        description="Training text: a file, a directory of shards (every `.txt`/`.jsonl`/`.parquet` file below it, by name), "
+        "a glob (`data/fr/*.jsonl.gz`, `**` allowed), or a list of these (read in that order; the documents are the files' "
+        "documents one after the other). Files: `.txt` (see `documents`), `.jsonl` (one JSON object per line with a text "
+        "field), `.parquet` (`.txt`/`.jsonl` may be `.gz`/`.xz`/`.zst`), or a directory written by "
+        "`datasets.Dataset.save_to_disk` (one source). Relative paths and globs are relative to the config file.",
     )
     tokens: Count = Field(..., gt=0, description="Budget of NEW training tokens for this task (replay comes on top).")
     format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = Field("auto", description="Reader; `auto` picks by suffix.")
     text_field: str = Field("text", description="Field / column holding the text (jsonl, parquet, hf).")
     val_fraction: Real = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation (fixed, never trained on).")
+    documents: Literal["auto", "blank-lines", "lines"] = Field(
+        "auto",
+        description="What one document is in a `.txt` file: `auto` / `blank-lines`: a block of lines separated by a blank line; "
+        "`lines`: every non-empty line (one-paragraph-per-line dumps). Other formats: always a line / row.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _some_path(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or not all(value)):
+            raise ValueError("give at least one file, directory or glob, none of them empty")
+        if isinstance(value, str) and not value:
+            raise ValueError("give a file, directory or glob")
+        return value
 
 
 class ModelConfig(Section):
@@ -317,16 +333,25 @@ def apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
-    """Make task paths, tokenizer path, model.init and the buffer dir / init absolute relative to the config file."""
+    """Make task paths (each entry of a list; a glob stays a glob), tokenizer path, model.init and the buffer dir / init absolute relative to the config file."""
 
     def fix(p: Any) -> Any:
         if isinstance(p, str) and p and not Path(p).is_absolute():
             return str((base / p).resolve())
         return p
 
+    def fix_source(p: Any) -> Any:
+        # a glob stays a glob (its wildcards are matched when the task is read): only the folders before
+        # the first wildcard are resolved against the config's folder
+        if isinstance(p, str) and p and not Path(p).is_absolute() and any(c in p for c in "*?["):
+            parts = Path(p).parts
+            fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+            return str((base / Path(*parts[:fixed])).resolve().joinpath(*parts[fixed:]))
+        return fix(p)
+
     for task in data.get("tasks") or []:
         if isinstance(task, dict) and "path" in task:
-            task["path"] = fix(task["path"])
+            task["path"] = [fix_source(p) for p in task["path"]] if isinstance(task["path"], list) else fix_source(task["path"])
     for section, key in (("tokenizer", "path"), ("model", "init"), ("cache_dir", None)):
         if key is None:
             if section in data:

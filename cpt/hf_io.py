@@ -133,7 +133,10 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
     else:
         # no HF checkpoint yet (checkpoint.task_ends: false and the run unfinished): rebuild from the run config
         cfg = RunDir(run_dir).config()
-        keys = [source_key(Path(t.path), t.format, t.text_field, cache_root(cfg.cache_dir)) for t in cfg.tasks]
+        keys = [
+            source_key(t.path, t.format, t.text_field, cache_root(cfg.cache_dir), t.documents, f"tasks.{i}.path")
+            for i, t in enumerate(cfg.tasks)
+        ]
         tokenizer = load_or_train_tokenizer(cfg, cache_root(cfg.cache_dir), keys)
         if cfg.model.init:
             if not (Path(cfg.model.init) / "config.json").is_file():

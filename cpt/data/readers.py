@@ -1,12 +1,22 @@
 """Readers: turn a task's training source into a stream of documents (strings).
 
 A *document* is the unit that gets an EOS token after it and that the validation split is made
-of. In a `.txt` file (optionally `.gz` / `.xz`) documents are separated by one or more blank
-lines; in `.jsonl` each line is a document (its `text_field`); in `.parquet` and HF `datasets`
-directories each row is one. Text that is not valid UTF-8 is skipped document by document and
+of. In a `.txt` file (optionally `.gz` / `.xz` / `.zst`) documents are separated by one or more blank
+lines (`documents: auto` / `blank-lines`), or each non-empty line is one (`documents: lines`); in
+`.jsonl` each line is a document (its `text_field`); in `.parquet` and HF `datasets` directories
+each row is one.
+
+Sources: a task's `path` is a file, a directory, a glob or a list of these; `expand_sources` turns
+it into the list of files read, in a fixed order: a list's entries in the order given, each entry's
+files sorted by path (a directory: every file below it whose format is recognised by its suffix,
+hidden names skipped; a glob: its matches, `**` recursive). A directory written by
+`datasets.save_to_disk` (it holds `dataset_info.json` / `state.json` / `dataset_dict.json`) is one
+source, not a directory of shards. A file named twice is read once (its first place). A task's
+documents are the files' documents one file after the other, so document indices (and the
+validation split made of them) run across files. Text that is not valid UTF-8 is skipped document by document and
 counted (`ReadStats.skipped_non_utf8`), so one bad byte does not cost a whole corpus.
 
-Memory: `.txt` and `.jsonl` sources (plain, `.gz`, `.xz`) are read as a stream, in chunks of
+Memory: `.txt` and `.jsonl` sources (plain, `.gz`, `.xz`, `.zst`) are read as a stream, in chunks of
 `_CHUNK` decompressed bytes, so peak memory is bounded by the largest document plus a chunk, not
 by the file; the documents and `ReadStats` counts are exactly those of splitting the whole
 decompressed file at once. A read or decompression error can therefore come after some documents
@@ -23,10 +33,13 @@ the mtime, or a write within the filesystem's timestamp granularity) is not noti
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
+import io
 import json
 import lzma
+import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -34,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import zstandard
 
 from cpt import atomic
 from cpt.errors import CptError
@@ -44,7 +58,11 @@ _BLANK_LINES = re.compile(rb"\r?\n[ \t]*\r?\n(?:[ \t]*\r?\n)*")
 _TAIL_PROBE = re.compile(rb"[ \t]*\r?")
 _CHUNK = 1 << 20
 _FINGERPRINT_VERSION = 1
-_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
+_COMPRESSED = (".gz", ".xz", ".zst")
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+DOCUMENT_MODES = ("auto", "blank-lines", "lines")
 
 
 @dataclass
@@ -61,7 +79,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     if path.is_dir():
         return "hf"
     name = path.name.lower()
-    for suffix in (".gz", ".xz"):
+    for suffix in _COMPRESSED:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     if name.endswith(".txt") or name.endswith(".md") or name.endswith(".text"):
@@ -81,6 +99,9 @@ def _open_stream(path: Path):
             return gzip.open(path, "rb")
         if name.endswith(".xz"):
             return lzma.open(path, "rb")
+        if name.endswith(".zst"):
+            # buffered: zstandard's reader has no readline, which the line readers need
+            return io.BufferedReader(zstandard.open(path, "rb"))
         return open(path, "rb")
     except _READ_ERRORS as err:
         raise CptError(f"{path}: cannot read: {err}") from None
@@ -136,6 +157,65 @@ def split_blocks(chunks: Iterator[bytes]) -> Iterator[bytes]:
     yield from _BLANK_LINES.split(bytes(buf))
 
 
+def is_hf_dir(path: Path) -> bool:
+    """A directory written by `datasets.save_to_disk` (one source), as opposed to a directory of shards."""
+    return path.is_dir() and any((path / marker).is_file() for marker in _HF_MARKERS)
+
+
+def _recognised(path: Path) -> bool:
+    try:
+        detect_format(path)
+    except CptError:
+        return False
+    return True
+
+
+def _expand_one(entry: Path, where: str) -> list[Path]:
+    text = str(entry)
+    if _GLOB_CHARS.search(text):
+        matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+        files = [f for m in matches for f in ([m] if m.is_file() or is_hf_dir(m) else _dir_files(m) if m.is_dir() else [])]
+        if not files:
+            raise CptError(f"{where}: no files match {text}")
+        return files
+    if not entry.exists():
+        raise CptError(f"{where}: {entry}: data file or directory not found")
+    if entry.is_file() or is_hf_dir(entry):
+        return [entry]
+    files = _dir_files(entry)
+    if not files:
+        raise CptError(f"{where}: {entry}: directory holds no .txt / .jsonl / .parquet file (plain, .gz, .xz or .zst)")
+    return files
+
+
+def _dir_files(directory: Path) -> list[Path]:
+    # sorted by the path below the directory, so shard order is the names' order on every machine
+    found = []
+    for f in directory.rglob("*"):
+        rel = f.relative_to(directory)
+        if any(part.startswith(".") for part in rel.parts) or not f.is_file() or not _recognised(f):
+            continue
+        found.append((rel.as_posix(), f))
+    return [f for _, f in sorted(found)]
+
+
+def expand_sources(path: str | Path | list, where: str = "tasks.N.path") -> list[Path]:
+    """The files a task's `path` names (a file, a directory, a glob, or a list of these), in reading
+    order (see the module docstring); a missing file or an empty glob is a CptError naming `where`."""
+    entries = list(path) if isinstance(path, (list, tuple)) else [path]
+    if not entries:
+        raise CptError(f"{where}: an empty list of sources")
+    out: list[Path] = []
+    seen: set[str] = set()
+    for entry in entries:
+        for f in _expand_one(Path(entry), where):
+            key = os.path.abspath(f)
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    return out
+
+
 def _stat_key(f: Path) -> list[int]:
     st = f.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -186,14 +266,27 @@ def content_fingerprint(path: Path, cache: Path | None = None) -> str:
     return fingerprint
 
 
-def iter_documents(path: str | Path, fmt: str = "auto", text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
-    """Yield the documents of one source; raises CptError naming the file on bad input."""
-    path = Path(path)
+def iter_documents(
+    path: str | Path | list,
+    fmt: str = "auto",
+    text_field: str = "text",
+    stats: ReadStats | None = None,
+    documents: str = "auto",
+    where: str = "tasks.N.path",
+) -> Iterator[str]:
+    """Yield the documents of a task's sources (`expand_sources`), file after file; raises CptError naming the file on bad input."""
+    if documents not in DOCUMENT_MODES:
+        raise CptError(f"tasks.N.documents: {documents!r} is not one of {', '.join(DOCUMENT_MODES)}")
     stats = stats if stats is not None else ReadStats()
-    if not path.exists():
-        raise CptError(f"{path}: data file not found")
+    for f in expand_sources(path, where):
+        yield from _iter_file(f, fmt, text_field, stats, documents)
+
+
+def _iter_file(path: Path, fmt: str, text_field: str, stats: ReadStats, documents: str) -> Iterator[str]:
     fmt = detect_format(path, fmt)
-    if fmt == "txt":
+    if fmt == "txt" and documents == "lines":
+        yield from _iter_txt_lines(path, stats)
+    elif fmt == "txt":
         yield from _iter_txt(path, stats)
     elif fmt == "jsonl":
         yield from _iter_jsonl(path, text_field, stats)
@@ -219,6 +312,19 @@ def _iter_txt(path: Path, stats: ReadStats) -> Iterator[str]:
     for block in split_blocks(_chunks(path)):
         try:
             text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            stats.skipped_non_utf8 += 1
+            continue
+        yield from _emit(text, stats)
+
+
+def _iter_txt_lines(path: Path, stats: ReadStats) -> Iterator[str]:
+    # blank lines are spacing between documents here, not empty documents, so they are not counted
+    for raw in (part for line in _lines(path) for part in line.splitlines()):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             stats.skipped_non_utf8 += 1
             continue

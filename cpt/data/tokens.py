@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 
 from cpt import atomic
 from cpt.config import TaskConfig
-from cpt.data.readers import ReadStats, content_fingerprint, detect_format, iter_documents
+from cpt.data.readers import ReadStats, content_fingerprint, detect_format, expand_sources, iter_documents
 from cpt.data.tokenizer import TextTokenizer
 from cpt.errors import CptError
 
@@ -64,12 +65,30 @@ class TaskTokens:
     meta: dict
 
 
-def source_key(path: Path, fmt: str, text_field: str, cache: Path | None = None) -> str:
+def source_key(
+    path: str | Path | list, fmt: str, text_field: str, cache: Path | None = None, documents: str = "auto", where: str = "tasks.N.path"
+) -> str:
     """A task source's content key; with `cache` (the cache directory) the content hash is kept across
-    runs by (path, size, mtime_ns), so a warm start does not re-read the bytes (`content_fingerprint`)."""
+    runs by (path, size, mtime_ns), so a warm start does not re-read the bytes (`content_fingerprint`).
+
+    One file (or one datasets directory) read as blank-line blocks keeps the key it always had
+    (sha256 of its fingerprint + `|format|text_field`), so existing caches stay valid. Several files
+    hash each file's name (relative to their common folder), format and fingerprint in reading order,
+    so renaming, reordering, adding or removing a shard changes the key. `documents: lines` is part
+    of the key (it splits the same bytes into other documents); `auto` and `blank-lines` read alike."""
+    files = expand_sources(path, where)
     h = hashlib.sha256()
-    h.update(content_fingerprint(path, cache).encode())
-    h.update(f"|{detect_format(path, fmt)}|{text_field}".encode())
+    if len(files) == 1:
+        h.update(content_fingerprint(files[0], cache).encode())
+        h.update(f"|{detect_format(files[0], fmt)}|{text_field}".encode())
+    else:
+        root = Path(os.path.commonpath([os.path.abspath(f) for f in files]))
+        for f in files:
+            name = Path(os.path.abspath(f)).relative_to(root).as_posix()
+            h.update(f"{name}|{detect_format(f, fmt)}|{content_fingerprint(f, cache)}\n".encode())
+        h.update(f"|{len(files)} files|{text_field}".encode())
+    if documents == "lines":
+        h.update(b"|documents=lines")
     return h.hexdigest()[:24]
 
 
@@ -115,18 +134,24 @@ def prepare_task(
     val_fraction: float = 0.05,
     log=print,
     key_of_source: str | None = None,
+    documents: str = "auto",
+    where: str | None = None,
 ) -> TaskTokens:
-    """Tokenize one task's source into the cache (once) and memory-map it.
+    """Tokenize one task's sources (a file, directory, glob or list: `expand_sources`) into the cache (once) and memory-map it.
 
-    `key_of_source` is `source_key(path, fmt, text_field)` when the caller has already hashed the
-    source (hashing reads every byte, so a run hashes each file once).
+    `key_of_source` is `source_key(path, fmt, text_field, documents=documents)` when the caller has
+    already hashed the source (hashing reads every byte, so a run hashes each file once); it covers
+    the `documents` mode, which is also hashed into the entry's key here so a caller's key made
+    without it cannot bring back an entry split the other way. `where` names the task in errors
+    (`tasks.0 (fr)`); by default `task 'fr'`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CptError(f"{path}: data file for task {name!r} not found (tasks.N.path)")
-    key = hashlib.sha256(
-        f"{CACHE_VERSION}|{key_of_source or source_key(path, fmt, text_field)}|{tok.fingerprint}|{val_fraction}".encode()
-    ).hexdigest()[:24]
+    where = where or f"task {name!r}"
+    field = where.split(" ")[0] if where.startswith("tasks.") else "tasks.N"
+    files = expand_sources(path, f"{field}.path")
+    source = key_of_source or source_key(path, fmt, text_field, documents=documents, where=f"{field}.path")
+    # "auto" adds nothing, so entries written before the documents setting existed stay valid
+    mode = "" if documents in ("auto", "blank-lines") else f"|documents={documents}"
+    key = hashlib.sha256(f"{CACHE_VERSION}|{source}|{tok.fingerprint}|{val_fraction}{mode}".encode()).hexdigest()[:24]
     directory = cache / "tokens" / key
     if not (directory / "meta.json").is_file():
         dtype = token_dtype(tok.vocab_size)
@@ -139,21 +164,25 @@ def prepare_task(
         # finished the same entry first, its entry is kept and ours discarded
         with atomic.written_whole(directory, replace=False) as tmp:
             counts["train"], tops["train"] = _write_tokens(
-                split_documents(iter_documents(path, fmt, text_field, stats), val_fraction, "train"), tok, tmp / "train.bin", dtype
+                split_documents(iter_documents(files, fmt, text_field, stats, documents), val_fraction, "train"),
+                tok,
+                tmp / "train.bin",
+                dtype,
             )
             counts["val"], tops["val"] = _write_tokens(
-                split_documents(iter_documents(path, fmt, text_field, val_stats), val_fraction, "val"), tok, tmp / "val.bin", dtype
+                split_documents(iter_documents(files, fmt, text_field, val_stats, documents), val_fraction, "val"),
+                tok,
+                tmp / "val.bin",
+                dtype,
             )
             seconds = time.perf_counter() - t0
+            shown = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, …)"
             if stats.documents == 0:
-                raise CptError(f"{path}: no documents (empty file, or every document skipped) for task {name!r}")
+                raise CptError(f"{where}: {shown}: no documents (empty file, or every document skipped)")
             if counts["val"] == 0 or counts["train"] == 0:
-                raise CptError(
-                    f"{path}: {stats.documents} document(s) are too few to hold out a validation split "
-                    f"(tasks.N.val_fraction={val_fraction}); add documents or raise val_fraction"
-                )
+                raise CptError(_too_few_message(where, field, shown, files, fmt, documents, stats.documents, val_fraction))
             meta = {
-                "source": str(path),
+                "source": str(path) if len(files) == 1 else [str(f) for f in files],
                 "documents": stats.documents,
                 "skipped_non_utf8": stats.skipped_non_utf8,
                 "bytes": stats.bytes,
@@ -184,8 +213,21 @@ def prepare_task(
     return TaskTokens(name, train, val, directory, meta)
 
 
-def prepare_for(task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key_of_source: str | None = None) -> TaskTokens:
-    """`prepare_task` for one configured task (`tasks.N` of a run config)."""
+def _too_few_message(where: str, field: str, shown: str, files: list[Path], fmt: str, documents: str, n: int, val_fraction: float) -> str:
+    """Say what a document is (and the setting that changes it) when too few of them hold out a validation split."""
+    head = f"{where}: {shown} holds {n} document(s), too few to hold out a validation split ({field}.val_fraction={val_fraction})"
+    if all(detect_format(f, fmt) == "txt" for f in files) and documents != "lines":
+        return (
+            f"{head} — in a .txt file a document is a block separated by a blank line; if every line is a document, "
+            f"set {field}.documents: lines (or add documents / raise {field}.val_fraction)"
+        )
+    return f"{head}; add documents or raise {field}.val_fraction"
+
+
+def prepare_for(
+    task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key_of_source: str | None = None, index: int | None = None
+) -> TaskTokens:
+    """`prepare_task` for one configured task (`tasks.<index>` of a run config, named so in errors)."""
     extra = {"log": log} if log is not None else {}
     return prepare_task(
         task.name,
@@ -196,6 +238,8 @@ def prepare_for(task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key
         text_field=task.text_field,
         val_fraction=task.val_fraction,
         key_of_source=key_of_source,
+        documents=task.documents,
+        where=f"tasks.{index} ({task.name})" if index is not None else None,
         **extra,
     )
 

@@ -65,7 +65,7 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str],
 
     def texts():
         for t in cfg.tasks:
-            yield from split_documents(iter_documents(t.path, t.format, t.text_field), t.val_fraction, "train")
+            yield from split_documents(iter_documents(t.path, t.format, t.text_field, documents=t.documents), t.val_fraction, "train")
 
     t0 = time.perf_counter()
     tok = train_or_load_bpe(key, texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cache)
@@ -85,9 +85,10 @@ def prepare_data(cfg: RunConfig, is_main: bool, log) -> Data:
     cache = cache_root(cfg.cache_dir)
     if not is_main:
         distributed.barrier()
-    keys = [source_key(Path(t.path), t.format, t.text_field, cache) for t in cfg.tasks]  # hashes each file once; warm: a stat per file
+    # hashes each file once; warm: a stat per file
+    keys = [source_key(t.path, t.format, t.text_field, cache, t.documents, f"tasks.{i}.path") for i, t in enumerate(cfg.tasks)]
     tokenizer = load_or_train_tokenizer(cfg, cache, keys)
-    tasks = [prepare_for(t, tokenizer, cache, log=log, key_of_source=key) for key, t in zip(keys, cfg.tasks)]
+    tasks = [prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i) for i, (key, t) in enumerate(zip(keys, cfg.tasks))]
     if is_main:
         distributed.barrier()
     return Data(tokenizer, tasks, keys)
