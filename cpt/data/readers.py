@@ -318,31 +318,30 @@ def _iter_txt(path: Path, stats: ReadStats) -> Iterator[str]:
         yield from _emit(text, stats)
 
 
-def _iter_txt_lines(path: Path, stats: ReadStats) -> Iterator[str]:
-    # blank lines are spacing between documents here, not empty documents, so they are not counted
-    for raw in (part for line in _lines(path) for part in line.splitlines()):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            stats.skipped_non_utf8 += 1
-            continue
-        yield from _emit(text, stats)
+def _text_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line that is valid UTF-8 (the others are counted in `stats`).
 
-
-def _iter_jsonl(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
-    # bytes.splitlines also breaks at a lone \r; a \r ends a line of the file only before \n or at
-    # the end, so splitting each \n-terminated line numbers the lines as splitting the whole file did
+    bytes.splitlines also breaks at a lone \r; a \r ends a line of the file only before \n or at
+    the end, so splitting each \n-terminated line numbers the lines as splitting the whole file did.
+    """
     raw_lines = (part for line in _lines(path) for part in line.splitlines())
     for lineno, raw in enumerate(raw_lines, 1):
         if not raw.strip():
             continue
         try:
-            line = raw.decode("utf-8")
+            yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError:
             stats.skipped_non_utf8 += 1
-            continue
+
+
+def _iter_txt_lines(path: Path, stats: ReadStats) -> Iterator[str]:
+    # blank lines are spacing between documents here, not empty documents, so they are not counted
+    for _, text in _text_lines(path, stats):
+        yield from _emit(text, stats)
+
+
+def _iter_jsonl(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
+    for lineno, line in _text_lines(path, stats):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
