@@ -834,23 +834,26 @@ def _shard_meta_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("shard-[0-9][0-9][0-9].meta.json"))
 
 
-def peek(directory: str | Path) -> dict[str, Any] | None:
+def peek(directory: str | Path, all_shards: bool = True) -> dict[str, Any] | None:
     """What a buffer directory holds, read without changing anything; None when it holds no buffer.
 
     Keys: shards (how many ranks wrote it), owner (the run that writes it, None for buffers written
     before cpt recorded owners), row_len, dtype, policy, capacity_rows (per shard), fill (all
     shards), rows_per_task {task id: rows stored}, tasks (the task ids ever offered, sorted).
+    `all_shards=False` parses shard 0's metadata only (the owner and settings; fill, rows and tasks
+    are then shard 0's): what every rank checks at start, without reading every other rank's slot lists.
     """
     files = _shard_meta_files(Path(directory))
     if not files:
         return None
     metas = []
-    for f in files:
+    shards = len(files)
+    for f in files if all_shards else files[:1]:
         try:
             metas.append(json.loads(f.read_text()))
         except (OSError, ValueError) as e:
             raise CptError(f"{f}: not a cpt replay buffer ({e})") from None
-    indices = [int(f.name[6:9]) for f in files]
+    indices = [int(f.name[6:9]) for f in files]  # names only: no metadata read
     if indices != list(range(len(files))):
         raise CptError(f"{directory}: replay buffer shards {indices} are not 0..{len(files) - 1}; the buffer is incomplete")
     rows: dict[int, int] = {}
@@ -861,7 +864,7 @@ def peek(directory: str | Path) -> dict[str, Any] | None:
         tasks.update(int(t) for t, _ in m.get("seen", []))
     first = metas[0]
     return {
-        "shards": len(metas),
+        "shards": shards,
         "owner": first.get("owner"),
         "row_len": first.get("row_len"),
         "dtype": first.get("dtype"),

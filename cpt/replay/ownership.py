@@ -82,12 +82,12 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
     if rp.rate <= 0:
         return
     directory = buffer_dir(cfg, out)
-    mine = peek(directory)
+    mine = peek(directory, all_shards=False)  # every rank checks: shard 0's owner is the buffer's
     if resume:
         owner = (mine or {}).get("owner") or {}
         if mine is not None and run_id is not None and owner.get("run_id") not in (None, run_id):
             raise CptError(
-                f"replay.buffer.dir: {directory} now holds the buffer of another run ({describe(mine)}); "
+                f"replay.buffer.dir: {directory} now holds the buffer of another run ({describe(peek(directory))}); "
                 f"this run's buffer is gone and {out} cannot resume exactly"
             )
         return
@@ -96,10 +96,10 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
         inside = out.resolve() in directory.resolve().parents  # the default <run>/replay goes with the run directory
         if not inside and not (owner.get("run_dir") and _same_dir(Path(owner["run_dir"]), out)):
             raise CptError(
-                f"replay.buffer.dir: {directory} holds another run's buffer ({describe(mine)}); choose another dir, "
+                f"replay.buffer.dir: {directory} holds another run's buffer ({describe(peek(directory))}); choose another dir, "
                 f"delete that one, or start from a copy of its rows with replay.buffer.init: {directory}"
             )
-        log(f"replay: clearing the buffer left in {directory} by an earlier run in {out} ({mine['fill']} sequences)")
+        log(f"replay: clearing the buffer left in {directory} by an earlier run in {out} ({mine['shards']} shard(s))")
     if not rp.buffer.init:
         return
     source = Path(rp.buffer.init)

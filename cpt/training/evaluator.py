@@ -11,9 +11,10 @@ losses for an HF checkpoint a run saved (`cpt eval`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from cpt import evaluate
+from cpt import atomic, evaluate
 from cpt.config import TrainingConfig
 from cpt.data.tokenizer import cache_root, load_tokenizer
 from cpt.data.tokens import TaskTokens, prepare_for
@@ -31,7 +32,7 @@ class Evaluator:
     def __init__(self, tasks: list[TaskTokens], tr: TrainingConfig, parallel: OneProcess, eos_id: int, rank: int, world: int, log):
         self.names = [t.name for t in tasks]
         self.sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in tasks]
-        self.coverage = [evaluate.heldout_coverage(t.val, tr.seq_len, tr.eval_tokens, eos_id) for t in tasks]
+        self.coverage = [_coverage(t, tr.seq_len, tr.eval_tokens, eos_id) for t in tasks]
         for name, c in zip(self.names, self.coverage):
             log(f"held-out {name}: {evaluate.describe_coverage(c)}")
         self.every = tr.eval_every
@@ -61,6 +62,21 @@ class Evaluator:
 
     def summary(self) -> dict:
         return dict(zip(self.names, self.coverage))
+
+
+def _coverage(task: TaskTokens, seq_len: int, eval_tokens: int, eos_id: int) -> dict:
+    """What the held-out set covers, computed once per token-cache entry and setting: it counts EOS over
+    the whole validation split, which a warm start (and every rank) must not repeat."""
+    file = task.directory / f"heldout-{seq_len}-{eval_tokens}-{eos_id}.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        coverage = evaluate.heldout_coverage(task.val, seq_len, eval_tokens, eos_id)
+        try:
+            atomic.write_json(file, coverage)
+        except OSError:  # a read-only cache only costs the next start another scan
+            pass
+        return coverage
 
 
 def evaluate_checkpoint(run_dir: str | Path, checkpoint: str = "final") -> dict[str, float]:
