@@ -19,7 +19,6 @@ Capacity is global like every other budget: shard r of W holds ⌊C/W⌋ rows, p
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from cpt.config import RunConfig, dump_config
@@ -128,10 +127,3 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
             f"holds {info['capacity_rows']}; use the same capacity"
         )
     log(f"replay: starting from a copy of {source}: {describe(info)}")
-
-
-def read_marker(out: Path, marker: str) -> dict:
-    try:
-        return json.loads((out / marker).read_text())
-    except (OSError, ValueError):
-        raise CptError(f"{out / marker}: unreadable; not a cpt run directory") from None
