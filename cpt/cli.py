@@ -22,6 +22,7 @@ examples:
   cpt demo                                   the bundled 5-language comparison (CPU, offline)
   cpt train examples/tiny.yaml --out runs/tiny
   cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6 --out runs/a
+  cpt prepare run.yaml --workers 8           tokenize the tasks once, in parallel and resumably
   cpt train --resume runs/a                  continue from the latest checkpoint
   cpt eval runs/a                            re-evaluate checkpoints/final on every task
   cpt eval runs/a --lm-eval cpt_cloze_en,cpt_cloze_fr   downstream scores of every task end (lm-eval)
@@ -62,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint"
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize every task of a config into the cache (resumable, parallel); `cpt train` then starts in seconds",
+    )
+    pr.add_argument("config", help="run YAML")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, as for cpt train")
+    pr.add_argument("--workers", default=None, help="tokenizing processes (default: prepare.workers, `auto` = one per core)")
+    pr.add_argument("--shard-mb", type=float, default=None, help="source MB per shard (default: prepare.shard_mb)")
+    pr.add_argument("--rank", type=int, default=0, help="with --world: tokenize only this share of the shards (one machine of many)")
+    pr.add_argument("--world", type=int, default=1, help="number of machines sharing the work (see docs/distributed.md)")
+    pr.add_argument("--tokenizer-only", action="store_true", help="only make the tokenizer (train the BPE when none is given)")
 
     e = sub.add_parser("eval", help="re-evaluate a saved checkpoint on every task, or score checkpoints downstream (--lm-eval)")
     e.add_argument("run_dir")
@@ -115,6 +128,32 @@ def _parser() -> argparse.ArgumentParser:
 # why the imports below sit in the command functions: each command loads only what it runs, so that
 # `cpt --help`, `cpt config-reference` and `cpt report` never import torch (the training stack,
 # cpt.hf_io, cpt.downstream and cpt.training.signals all do).
+def _cmd_prepare(args) -> int:
+    from cpt.config import load_config
+    from cpt.data.prepare import Settings
+    from cpt.training.build import prepare_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.world < 1 or not 0 <= args.rank < args.world:
+        raise CptError(f"--rank {args.rank} --world {args.world}: need 0 <= rank < world")
+    workers = args.workers if args.workers is not None else cfg.prepare.workers
+    if workers != "auto":
+        try:
+            workers = int(workers)
+        except ValueError:
+            raise CptError(f"--workers: {workers!r} is not a number or `auto`") from None
+        if workers < 1:
+            raise CptError("--workers: at least 1")
+    shard_mb = args.shard_mb if args.shard_mb is not None else cfg.prepare.shard_mb
+    if shard_mb <= 0:
+        raise CptError("--shard-mb: must be > 0")
+    settings = Settings(workers=workers, shard_mb=shard_mb, rank=args.rank, world=args.world)
+    report = prepare_config(cfg, settings, tokenizer_only=args.tokenizer_only, require_tokenizer=args.world > 1)
+    for line in report:
+        print(line)
+    return 0
+
+
 def _cmd_train(args) -> int:
     from cpt.training.device import ensure_threads
     from cpt.training.launch import train
@@ -221,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # --out comes back as an unknown token (and parse_intermixed_args does not support subparsers):
     # take the leftovers that look like overrides as train's, and refuse the rest as parse_args does.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "prepare"):
         args.overrides += [t for t in extra if _is_override(t)]
         extra = [t for t in extra if not _is_override(t)]
     if extra:
@@ -229,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "prepare":
+            return _cmd_prepare(args)
         if args.command == "eval":
             return _cmd_eval(args)
         if args.command == "report":

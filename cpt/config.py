@@ -55,40 +55,120 @@ class TokenizerConfig(Section):
     path: str | None = Field(
         None,
         description="A `tokenizer.json` file or an HF tokenizer directory. Empty: train a byte-level "
-        "BPE on the tasks' training splits (cached by content hash).",
+        "BPE on a sample of the tasks' training splits (`sample_mb`; cached by content hash).",
     )
     vocab_size: Count = Field(8192, ge=256, le=1_000_000, description="Vocabulary size of a trained BPE.")
     min_frequency: Count = Field(2, ge=1, description="Minimum pair frequency when training a BPE.")
+    sample_mb: Real = Field(
+        64,
+        ge=0,
+        description="A trained BPE learns from at most this many MB (10^6 bytes of UTF-8) of each task's training documents "
+        "(never the held-out ones): every k-th document, k the smallest power of two whose documents fit (a document "
+        "longer than the bound is cut to it). A task under the bound is used whole. 0: no bound (every training document).",
+    )
+
+
+_FORMATS = Literal["auto", "txt", "jsonl", "parquet", "hf", "megatron", "datatrove", "tokens"]
+_PATH_HELP = (
+    "Training data: a file, a directory of shards (every `.txt`/`.jsonl`/`.parquet` file below it, by name), "
+    "a glob (`data/fr/*.jsonl.gz`, `**` allowed), or a list of these (read in that order; the documents are the files' "
+    "documents one after the other). Files: `.txt` (see `documents`), `.jsonl` (one JSON object per line with a text "
+    "field), `.parquet` (`.txt`/`.jsonl` may be `.gz`/`.xz`/`.zst`), a directory written by "
+    "`datasets.Dataset.save_to_disk` (one source), or pre-tokenized files (see `format`). Relative paths and globs are "
+    "relative to the config file."
+)
+_FORMAT_HELP = (
+    "Reader; `auto` picks by suffix. Pre-tokenized (read in place, need `tokenizer.path`): `megatron` "
+    "(`.bin` + `.idx`, Megatron-LM / GPT-NeoX), `datatrove` (`.ds` + `.ds.index`), `tokens` (`.npy`, or `.bin` with `dtype`; "
+    "documents end with the tokenizer's EOS)."
+)
+_DOCUMENTS_HELP = (
+    "What one document is in a `.txt` file: `auto` / `blank-lines`: a block of lines separated by a blank line; "
+    "`lines`: every non-empty line (one-paragraph-per-line dumps). Other formats: always a line / row."
+)
+
+
+def _check_path(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, list) and (not value or not all(value)):
+        raise ValueError("give at least one file, directory or glob, none of them empty")
+    if isinstance(value, str) and not value:
+        raise ValueError("give a file, directory or glob")
+    return value
+
+
+class SourceConfig(Section):
+    path: str | list[str] = Field(..., description="This source's data (as `tasks.N.path`).")
+    weight: Real = Field(..., gt=0, description="Its share of the task's training rows and of its held-out set (normalised).")
+    format: _FORMATS = Field("auto", description="As `tasks.N.format`.")
+    text_field: str = Field("text", description="As `tasks.N.text_field`.")
+    documents: Literal["auto", "blank-lines", "lines"] = Field("auto", description="As `tasks.N.documents`.")
+    dtype: Literal["uint16", "uint32"] | None = Field(None, description="As `tasks.N.dtype`.")
+
+    _path = field_validator("path")(classmethod(lambda cls, v: _check_path(v)))
 
 
 class TaskConfig(Section):
     name: str = Field(..., min_length=1, description="Short task name used in tables and plots (e.g. `fr`).")
-    path: str | list[str] = Field(
-        ...,
-        description="Training text: a file, a directory of shards (every `.txt`/`.jsonl`/`.parquet` file below it, by name), "
-        "a glob (`data/fr/*.jsonl.gz`, `**` allowed), or a list of these (read in that order; the documents are the files' "
-        "documents one after the other). Files: `.txt` (see `documents`), `.jsonl` (one JSON object per line with a text "
-        "field), `.parquet` (`.txt`/`.jsonl` may be `.gz`/`.xz`/`.zst`), or a directory written by "
-        "`datasets.Dataset.save_to_disk` (one source). Relative paths and globs are relative to the config file.",
+    path: str | list[str] | None = Field(None, description=_PATH_HELP + " Give `path` or `sources`.")
+    sources: list[SourceConfig] | None = Field(
+        None,
+        description="Several weighted corpora inside one task (e.g. `[{path: fr-web/, weight: 0.7}, {path: fr-wiki.jsonl, weight: 0.3}]`): "
+        "training rows are drawn from them with exact shares and the held-out loss is their weighted mean; each source has its "
+        "own held-out documents. Instead of `path`.",
     )
     tokens: Count = Field(..., gt=0, description="Budget of NEW training tokens for this task (replay comes on top).")
-    format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = Field("auto", description="Reader; `auto` picks by suffix.")
+    format: _FORMATS = Field("auto", description=_FORMAT_HELP)
+    dtype: Literal["uint16", "uint32"] | None = Field(None, description="Token type of a raw `.bin` token file (`format: tokens`).")
     text_field: str = Field("text", description="Field / column holding the text (jsonl, parquet, hf).")
     val_fraction: Real = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation (fixed, never trained on).")
-    documents: Literal["auto", "blank-lines", "lines"] = Field(
-        "auto",
-        description="What one document is in a `.txt` file: `auto` / `blank-lines`: a block of lines separated by a blank line; "
-        "`lines`: every non-empty line (one-paragraph-per-line dumps). Other formats: always a line / row.",
-    )
+    documents: Literal["auto", "blank-lines", "lines"] = Field("auto", description=_DOCUMENTS_HELP)
 
     @field_validator("path")
     @classmethod
-    def _some_path(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and (not value or not all(value)):
-            raise ValueError("give at least one file, directory or glob, none of them empty")
-        if isinstance(value, str) and not value:
-            raise ValueError("give a file, directory or glob")
-        return value
+    def _some_path(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return _check_path(value)
+
+    @model_validator(mode="after")
+    def _path_or_sources(self) -> TaskConfig:
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("give `path` (one corpus) or `sources` (weighted corpora), not both and not neither")
+        if self.sources is not None and not self.sources:
+            raise ValueError("sources: give at least one source")
+        return self
+
+    def parts(self) -> list[TaskConfig]:
+        """The task's sources as single-corpus tasks (itself when it has `path`): what is prepared, each with its own cache entry."""
+        if self.sources is None:
+            return [self]
+        return [
+            TaskConfig(
+                name=f"{self.name}[{i}]",
+                path=s.path,
+                tokens=self.tokens,
+                format=s.format,
+                dtype=s.dtype,
+                text_field=s.text_field,
+                val_fraction=self.val_fraction,
+                documents=s.documents,
+            )
+            for i, s in enumerate(self.sources)
+        ]
+
+    @property
+    def weights(self) -> list[float] | None:
+        return None if self.sources is None else [s.weight for s in self.sources]
+
+
+class PrepareConfig(Section):
+    workers: Count | Literal["auto"] = Field(
+        "auto", description="Processes that tokenize a task's shards in parallel (`auto`: one per core, at most one per shard)."
+    )
+    shard_mb: Real = Field(
+        256.0,
+        gt=0,
+        description="Source MB per prepared shard: the unit of parallel and resumable preparation (large plain `.txt` / "
+        "`.jsonl` files are cut at document boundaries). Does not change the tokens.",
+    )
 
 
 class ModelConfig(Section):
@@ -131,6 +211,18 @@ class TrainingConfig(Section):
     eval_tokens: Count = Field(65536, ge=1, description="Held-out tokens per task per evaluation (a fixed set).")
     eval_batch_size: Count = Field(16, ge=1, description="Sequences per evaluation forward pass.")
     nan_skip: Count = Field(0, ge=0, description="Batches with a NaN/Inf loss to skip before stopping the run.")
+    data_wait_s: Real = Field(
+        86400,
+        gt=0,
+        description="Under torchrun: how long a rank waits for its node's local rank 0 to tokenize the data (before the process "
+        "group forms; it polls a marker file in `<cache>/ready/`, see docs/distributed.md) before failing.",
+    )
+    dist_timeout_s: Real = Field(
+        1800,
+        gt=0,
+        description="Under torchrun: the process group's timeout, the longest any collective (a gradient all-reduce, a "
+        "checkpoint barrier) may wait for the slowest rank. Data preparation happens before the group forms and does not count.",
+    )
 
 
 class OptimizerConfig(Section):
@@ -182,6 +274,11 @@ class BufferConfig(Section):
         description="A buffer kept by an earlier run (its `replay.buffer.dir`, or `<run>/replay`) to start from: its rows "
         "are copied into this run's buffer (the source is only read) and replayed as earlier tasks, whose ids come "
         "before this run's, so the first task replays too. Needs the same world size, row length and buffer settings.",
+    )
+    store: Literal["rows", "refs"] = Field(
+        "rows",
+        description="What a slot holds: `rows`, the sequence's tokens; `refs`, its 8-byte offset into the task's prepared "
+        "token file, read from there when replayed (same runs, a fraction of the disk; not with `init`).",
     )
 
     @model_validator(mode="before")
@@ -261,6 +358,7 @@ class RunConfig(Section):
     cache_dir: str | None = Field(None, description="Token and tokenizer cache (default: $CPT_CACHE or ~/.cache/cpt).")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tasks: list[TaskConfig] = Field(..., min_length=1, description="The ordered task sequence.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -349,9 +447,15 @@ def resolve_paths(data: dict, base: Path) -> dict:
             return str((base / Path(*parts[:fixed])).resolve().joinpath(*parts[fixed:]))
         return fix(p)
 
+    def fix_task_path(entry: Any) -> None:
+        if isinstance(entry, dict) and "path" in entry:
+            entry["path"] = [fix_source(p) for p in entry["path"]] if isinstance(entry["path"], list) else fix_source(entry["path"])
+
     for task in data.get("tasks") or []:
-        if isinstance(task, dict) and "path" in task:
-            task["path"] = [fix_source(p) for p in task["path"]] if isinstance(task["path"], list) else fix_source(task["path"])
+        fix_task_path(task)
+        if isinstance(task, dict) and isinstance(task.get("sources"), list):
+            for source in task["sources"]:
+                fix_task_path(source)
     for section, key in (("tokenizer", "path"), ("model", "init"), ("cache_dir", None)):
         if key is None:
             if section in data:

@@ -107,10 +107,9 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarra
     A split shorter than one window gives one shorter window: [1, len(tokens)]. Only the windows'
     tokens are read, so `tokens` can be a large memory map.
     """
-    tokens = np.asarray(tokens)
     if (len(tokens) - 1) // seq_len < 1:
         # short validation splits still get one (shorter) window
-        return tokens.astype(np.int64)[None, :]
+        return np.asarray(tokens[0 : len(tokens)]).astype(np.int64)[None, :]
     starts = eval_window_starts(len(tokens), seq_len, max_tokens)
     idx = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
     return tokens[idx].astype(np.int64)
@@ -138,7 +137,6 @@ def heldout_coverage(tokens: np.ndarray, seq_len: int, max_tokens: int, eos_id: 
     Cost: one vectorised pass over the split comparing `chunk` tokens at a time with `eos_id`
     (memory O(chunk + documents)), then O(windows) work; the windows themselves are not built.
     """
-    tokens = np.asarray(tokens)
     N = len(tokens)
     eos = np.concatenate(
         [np.flatnonzero(tokens[a : a + chunk] == eos_id) + a for a in range(0, N, max(1, chunk))] or [np.zeros(0, np.int64)]

@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 from cpt import atomic
 from cpt.atomic import written_whole
 from cpt.data.tokenizer import cache_root, load_tokenizer
-from cpt.data.tokens import source_key
+from cpt.data.tokens import task_key
 from cpt.errors import CptError
 from cpt.model import count_parameters, llama_config, save_hf_files
 from cpt.training import checkpoint as ckpt
@@ -133,10 +133,7 @@ def _model_from_state(run_dir: Path, step_dir: Path, log: Callable[[str], None])
     else:
         # no HF checkpoint yet (checkpoint.task_ends: false and the run unfinished): rebuild from the run config
         cfg = RunDir(run_dir).config()
-        keys = [
-            source_key(t.path, t.format, t.text_field, cache_root(cfg.cache_dir), t.documents, f"tasks.{i}.path")
-            for i, t in enumerate(cfg.tasks)
-        ]
+        keys = [task_key(t, cache_root(cfg.cache_dir), i) for i, t in enumerate(cfg.tasks)]
         tokenizer = load_or_train_tokenizer(cfg, cache_root(cfg.cache_dir), keys)
         if cfg.model.init:
             if not (Path(cfg.model.init) / "config.json").is_file():

@@ -31,8 +31,8 @@ def test_token_file_has_eos_after_every_document_and_uint16(tok, tmp_path, small
     assert task.train.dtype == np.uint16
     n_docs = len(list(iter_documents(small_texts["en"])))
     n_val = sum(is_validation(i, 0.1) for i in range(n_docs))
-    assert int((task.train == tok.eos_id).sum()) == n_docs - n_val
-    assert int((task.val == tok.eos_id).sum()) == n_val >= 1
+    assert int((np.asarray(task.train) == tok.eos_id).sum()) == n_docs - n_val
+    assert int((np.asarray(task.val) == tok.eos_id).sum()) == n_val >= 1
     assert task.train[-1] == tok.eos_id
 
 

@@ -257,23 +257,31 @@ def _task_file(tmp_path: Path) -> Path:
 
 def test_prepare_task_stores_the_max_id_of_each_split(tok, tmp_path):
     task = prepare_task("t", _task_file(tmp_path), tok, tmp_path / "cache", val_fraction=0.2, log=lambda m: None)
-    assert task.meta["max_train_id"] == int(task.train.max())
-    assert task.meta["max_val_id"] == int(task.val.max())
+    assert task.meta["max_train_id"] == int(np.asarray(task.train).max())
+    assert task.meta["max_val_id"] == int(np.asarray(task.val).max())
     check_token_range(task, tok.vocab_size)
 
 
 def test_check_token_range_trusts_meta_and_does_not_scan(tok, tmp_path):
     task = prepare_task("t", _task_file(tmp_path), tok, tmp_path / "cache", val_fraction=0.2, log=lambda m: None)
 
-    class NoScan(np.ndarray):
-        def max(self, *args, **kwargs):  # noqa: D102 - a scan is the failure this test looks for
-            raise AssertionError("check_token_range scanned a token file")
+    class NoScan:
+        """A split that fails when anything reads it: a scan is the failure this test looks for."""
 
-    unscannable = TaskTokens(task.name, task.train.view(NoScan), task.val.view(NoScan), task.directory, task.meta)
+        def __getattr__(self, name):
+            raise AssertionError(f"check_token_range read the token split ({name})")
+
+        def __len__(self):
+            raise AssertionError("check_token_range read the token split")
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("check_token_range scanned the token split")
+
+    unscannable = TaskTokens(task.name, NoScan(), NoScan(), task.directory, task.meta)
     check_token_range(unscannable, tok.vocab_size)
-    # an out-of-range id is still caught, from the meta value, and the message names the file
+    # an out-of-range id is still caught, from the meta value, and the message names the entry and split
     meta = dict(task.meta, max_val_id=tok.vocab_size + 5)
-    with pytest.raises(CptError, match=rf"token id {tok.vocab_size + 5} in .*val\.bin"):
+    with pytest.raises(CptError, match=rf"token id {tok.vocab_size + 5} in .*{task.directory.name} \(val split\)"):
         check_token_range(TaskTokens(task.name, unscannable.train, unscannable.val, task.directory, meta), tok.vocab_size)
 
 
@@ -281,6 +289,6 @@ def test_check_token_range_scans_an_entry_written_before_the_max_was_stored(tok,
     task = prepare_task("t", _task_file(tmp_path), tok, tmp_path / "cache", val_fraction=0.2, log=lambda m: None)
     old_meta = {k: v for k, v in task.meta.items() if k not in ("max_train_id", "max_val_id")}
     check_token_range(TaskTokens(task.name, task.train, task.val, task.directory, old_meta), tok.vocab_size)
-    top = int(task.train.max())
-    with pytest.raises(CptError, match=r"train\.bin"):
+    top = int(np.asarray(task.train).max())
+    with pytest.raises(CptError, match=r"\(train split\)"):
         check_token_range(TaskTokens(task.name, task.train, task.val, task.directory, old_meta), top)

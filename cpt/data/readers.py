@@ -88,13 +88,67 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
-    raise CptError(f"{path}: unknown data format; use .txt, .jsonl, .parquet or a datasets directory (or set tasks.N.format)")
+    if name.endswith(".idx"):
+        return "megatron"
+    if name.endswith(".ds"):
+        return "datatrove"
+    if name.endswith(".npy") or name.endswith(".bin"):
+        return "tokens"
+    raise CptError(
+        f"{path}: unknown data format; use .txt, .jsonl, .parquet, a datasets directory, or pre-tokenized .idx/.bin, .ds, .npy "
+        "(or set tasks.N.format)"
+    )
 
 
-def _open_stream(path: Path):
-    """The (decompressed) bytes of a `.txt` / `.jsonl` source as a binary file object."""
+def data_files(path: Path, fmt: str = "auto") -> list[Path]:
+    """Every file whose bytes a source's content depends on: a Megatron `.idx` and its `.bin`, a datatrove `.ds`
+    and its `.ds.index`, else the file itself (its fingerprint covers all of them)."""
+    kind = detect_format(path, fmt)
+    if kind == "megatron":
+        return [path, path.with_suffix(".bin")]
+    if kind == "datatrove":
+        return [path, path.with_name(path.name + ".index")]
+    return [path]
+
+
+def _megatron_data(path: Path) -> bool:
+    """A `.bin` next to a `.idx` of the same name is a Megatron dataset's data, read through its `.idx`."""
+    return path.name.lower().endswith(".bin") and path.with_suffix(".idx").is_file()
+
+
+class _Range(io.RawIOBase):
+    """Bytes [start, end) of a plain file as a file object (a part of one large source, `Piece`)."""
+
+    def __init__(self, path: Path, start: int, end: int | None) -> None:
+        self._fh = open(path, "rb")
+        self._fh.seek(start)
+        self._left = None if end is None else max(0, end - start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)
+        if self._left is not None:
+            view = view[: self._left]
+        n = self._fh.readinto(view)
+        if self._left is not None:
+            self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _open_stream(path: Path, start: int = 0, end: int | None = None):
+    """The (decompressed) bytes of a `.txt` / `.jsonl` source as a binary file object; bytes [start, end) of a plain file."""
     name = path.name.lower()
     try:
+        if start or end is not None:
+            if name.endswith(_COMPRESSED):  # pragma: no cover - plan_units never splits a compressed file
+                raise CptError(f"{path}: a compressed file cannot be read from the middle")
+            return io.BufferedReader(_Range(path, start, end), _CHUNK)
         if name.endswith(".gz"):
             return gzip.open(path, "rb")
         if name.endswith(".xz"):
@@ -107,8 +161,8 @@ def _open_stream(path: Path):
         raise CptError(f"{path}: cannot read: {err}") from None
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
-    with _open_stream(path) as fh:
+def _chunks(path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    with _open_stream(path, start, end) as fh:
         while True:
             try:
                 chunk = fh.read(_CHUNK)  # read at call time: a test shrinks it to put boundaries everywhere
@@ -119,9 +173,9 @@ def _chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    """The file's lines, each ending in b"\\n" (but perhaps the last)."""
-    with _open_stream(path) as fh:
+def _lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The file's lines (of bytes [start, end)), each ending in b"\\n" (but perhaps the last)."""
+    with _open_stream(path, start, end) as fh:
         while True:
             try:
                 line = fh.readline()
@@ -167,7 +221,7 @@ def _recognised(path: Path) -> bool:
         detect_format(path)
     except CptError:
         return False
-    return True
+    return not _megatron_data(path)
 
 
 def _expand_one(entry: Path, where: str) -> list[Path]:
@@ -178,8 +232,12 @@ def _expand_one(entry: Path, where: str) -> list[Path]:
         if not files:
             raise CptError(f"{where}: no files match {text}")
         return files
+    if not entry.exists() and entry.with_name(entry.name + ".idx").is_file():
+        return [entry.with_name(entry.name + ".idx")]  # a Megatron dataset named by its prefix
     if not entry.exists():
         raise CptError(f"{where}: {entry}: data file or directory not found")
+    if _megatron_data(entry):
+        return [entry.with_suffix(".idx")]
     if entry.is_file() or is_hf_dir(entry):
         return [entry]
     files = _dir_files(entry)
@@ -282,14 +340,87 @@ def iter_documents(
         yield from _iter_file(f, fmt, text_field, stats, documents)
 
 
-def _iter_file(path: Path, fmt: str, text_field: str, stats: ReadStats, documents: str) -> Iterator[str]:
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of one source file (end None: to its end); a whole file is Piece(path)."""
+
+    path: Path
+    start: int = 0
+    end: int | None = None
+
+
+def iter_pieces(pieces: list[Piece], fmt: str, text_field: str, stats: ReadStats, documents: str = "auto") -> Iterator[str]:
+    """The documents of `pieces`, one after the other. Pieces cut at `boundary` offsets yield exactly the
+    documents of reading their files whole (the unit of parallel, resumable preparation)."""
+    for p in pieces:
+        yield from _iter_file(p.path, fmt, text_field, stats, documents, p.start, p.end)
+
+
+def splittable(path: Path, fmt: str = "auto") -> bool:
+    """A plain (uncompressed) .txt / .jsonl file can be read from the middle, at a document boundary."""
+    return path.is_file() and not path.name.lower().endswith(_COMPRESSED) and detect_format(path, fmt) in ("txt", "jsonl")
+
+
+_WHITESPACE = b" \t\r\n"
+
+
+def boundary(path: Path, offset: int, fmt: str = "auto", documents: str = "auto") -> int:
+    """The first document boundary at or after byte `offset` of a `splittable` file (its size when none).
+
+    Reading [0, b) and [b, size) then gives the documents of reading the whole file, in order:
+    - lines (.jsonl, `documents: lines`): b follows a b"\\n";
+    - blank-line blocks (.txt): b is the end of a `_BLANK_LINES` match that starts right after a byte that
+      is not whitespace. No match of the whole-file split can span such a start (matches are whitespace
+      only), so the whole-file split tries a match exactly there and finds this one (greedy, and read to
+      where its tail probe stops, as `split_blocks` does).
+    """
+    size = path.stat().st_size
+    if offset <= 0:
+        return 0
+    lines = detect_format(path, fmt) == "jsonl" or documents == "lines"
+    with open(path, "rb") as fh:
+        pos = offset - 1  # a line that ends at offset - 1 makes offset itself a boundary
+        window = _CHUNK
+        while pos < size:
+            fh.seek(pos)
+            buf = fh.read(window)
+            if lines:
+                i = buf.find(b"\n")
+                if i >= 0:
+                    return pos + i + 1
+                pos += len(buf)
+                continue
+            for m in _BLANK_LINES.finditer(buf, 1):
+                if buf[m.start() - 1] in _WHITESPACE:
+                    continue
+                if _TAIL_PROBE.match(buf, m.end()).end() >= len(buf) and pos + len(buf) < size:
+                    break  # the separator may go on past this window: read again from here, further
+                return pos + m.end()
+            else:
+                # no usable match: go on from the window's trailing whitespace run (a match may start there)
+                keep = len(buf)
+                while keep > 1 and buf[keep - 1] in _WHITESPACE:
+                    keep -= 1
+                if pos + len(buf) >= size:
+                    return size
+                pos += keep - 1 if keep > 1 else max(1, len(buf) - 1)
+                continue
+            window *= 2  # a separator cut by the window's end: a longer read from the same place
+    return size
+
+
+def _iter_file(
+    path: Path, fmt: str, text_field: str, stats: ReadStats, documents: str, start: int = 0, end: int | None = None
+) -> Iterator[str]:
     fmt = detect_format(path, fmt)
+    if fmt in ("megatron", "datatrove", "tokens"):
+        raise CptError(f"{path}: pre-tokenized ({fmt}) data has no text to read; set tokenizer.path to the tokenizer that made its ids")
     if fmt == "txt" and documents == "lines":
-        yield from _iter_txt_lines(path, stats)
+        yield from _iter_txt_lines(path, stats, start, end)
     elif fmt == "txt":
-        yield from _iter_txt(path, stats)
+        yield from _iter_txt(path, stats, start, end)
     elif fmt == "jsonl":
-        yield from _iter_jsonl(path, text_field, stats)
+        yield from _iter_jsonl(path, text_field, stats, start, end)
     elif fmt == "parquet":
         yield from _iter_parquet(path, text_field, stats)
     elif fmt == "hf":
@@ -308,8 +439,8 @@ def _emit(text: str, stats: ReadStats) -> Iterator[str]:
     yield text
 
 
-def _iter_txt(path: Path, stats: ReadStats) -> Iterator[str]:
-    for block in split_blocks(_chunks(path)):
+def _iter_txt(path: Path, stats: ReadStats, start: int = 0, end: int | None = None) -> Iterator[str]:
+    for block in split_blocks(_chunks(path, start, end)):
         try:
             text = block.decode("utf-8")
         except UnicodeDecodeError:
@@ -318,13 +449,14 @@ def _iter_txt(path: Path, stats: ReadStats) -> Iterator[str]:
         yield from _emit(text, stats)
 
 
-def _text_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
+def _text_lines(path: Path, stats: ReadStats, start: int = 0, end: int | None = None) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-blank line that is valid UTF-8 (the others are counted in `stats`).
 
     bytes.splitlines also breaks at a lone \r; a \r ends a line of the file only before \n or at
     the end, so splitting each \n-terminated line numbers the lines as splitting the whole file did.
+    Line numbers count from `start` (a part of a file begins at a line start: `boundary`).
     """
-    raw_lines = (part for line in _lines(path) for part in line.splitlines())
+    raw_lines = (part for line in _lines(path, start, end) for part in line.splitlines())
     for lineno, raw in enumerate(raw_lines, 1):
         if not raw.strip():
             continue
@@ -334,22 +466,23 @@ def _text_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
             stats.skipped_non_utf8 += 1
 
 
-def _iter_txt_lines(path: Path, stats: ReadStats) -> Iterator[str]:
+def _iter_txt_lines(path: Path, stats: ReadStats, start: int = 0, end: int | None = None) -> Iterator[str]:
     # blank lines are spacing between documents here, not empty documents, so they are not counted
-    for _, text in _text_lines(path, stats):
+    for _, text in _text_lines(path, stats, start, end):
         yield from _emit(text, stats)
 
 
-def _iter_jsonl(path: Path, field: str, stats: ReadStats) -> Iterator[str]:
-    for lineno, line in _text_lines(path, stats):
+def _iter_jsonl(path: Path, field: str, stats: ReadStats, start: int = 0, end: int | None = None) -> Iterator[str]:
+    for lineno, line in _text_lines(path, stats, start, end):
+        where = f"{path}:{lineno}" if not start else f"{path}: line {lineno} of the part from byte {start}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CptError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            raise CptError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(obj, dict) or field not in obj:
-            raise CptError(f"{path}:{lineno}: no {field!r} field (set tasks.N.text_field)")
+            raise CptError(f"{where}: no {field!r} field (set tasks.N.text_field)")
         if not isinstance(obj[field], str):
-            raise CptError(f"{path}:{lineno}: field {field!r} is not a string")
+            raise CptError(f"{where}: field {field!r} is not a string")
         yield from _emit(obj[field], stats)
 
 

@@ -20,10 +20,13 @@ other settings do. Held-out documents are never trained on (nor used to train a 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,8 +36,11 @@ import numpy as np
 
 from cpt import atomic
 from cpt.config import TaskConfig
-from cpt.data.readers import ReadStats, content_fingerprint, detect_format, expand_sources, iter_documents
+from cpt.data.mixture import concat
+from cpt.data.prepare import PLAN_VERSION, Settings, finalize, open_shards, plan_units, run_units, start_partial
+from cpt.data.readers import content_fingerprint, data_files, detect_format, expand_sources
 from cpt.data.tokenizer import TextTokenizer
+from cpt.data.views import TokenView
 from cpt.errors import CptError
 
 _PHI = (math.sqrt(5) - 1) / 2
@@ -59,10 +65,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
 @dataclass
 class TaskTokens:
     name: str
-    train: np.ndarray  # memmap, 1-D
-    val: np.ndarray  # memmap, 1-D
+    train: np.ndarray | TokenView  # 1-D, memory-mapped (a TokenView over the entry's shards)
+    val: np.ndarray | TokenView
     directory: Path
     meta: dict
+    parts: list[TaskTokens] | None = None  # a task of weighted sources (cpt.data.mixture): each source's tokens
+    weights: list[float] | None = None
+
+
+def task_key(task: TaskConfig, cache: Path | None = None, index: int | None = None) -> str:
+    """A configured task's content key: its source's (`source_key`), or for `sources` one over every source's key and weight."""
+    field = f"tasks.{index}" if index is not None else "tasks.N"
+    if task.sources is None:
+        return source_key(task.path, task.format, task.text_field, cache, task.documents, f"{field}.path")
+    h = hashlib.sha256(b"sources")
+    for i, (part, w) in enumerate(zip(task.parts(), task.weights)):
+        h.update(
+            f"|{source_key(part.path, part.format, part.text_field, cache, part.documents, f'{field}.sources.{i}.path')}:{w!r}".encode()
+        )
+    return h.hexdigest()[:24]
 
 
 def source_key(
@@ -78,54 +99,52 @@ def source_key(
     of the key (it splits the same bytes into other documents); `auto` and `blank-lines` read alike."""
     files = expand_sources(path, where)
     h = hashlib.sha256()
-    if len(files) == 1:
+    if len(files) == 1 and len(data_files(files[0], fmt)) == 1:
         h.update(content_fingerprint(files[0], cache).encode())
         h.update(f"|{detect_format(files[0], fmt)}|{text_field}".encode())
     else:
-        root = Path(os.path.commonpath([os.path.abspath(f) for f in files]))
-        for f in files:
+        # a pre-tokenized source counts its index and its data file: both are hashed
+        listed = [d for f in files for d in data_files(f, fmt)]
+        root = Path(os.path.commonpath([os.path.abspath(f) for f in listed])) if len(listed) > 1 else listed[0].parent
+        for f in listed:
             name = Path(os.path.abspath(f)).relative_to(root).as_posix()
-            h.update(f"{name}|{detect_format(f, fmt)}|{content_fingerprint(f, cache)}\n".encode())
+            h.update(f"{name}|{detect_format(f, fmt) if f in files else 'data'}|{content_fingerprint(f, cache)}\n".encode())
         h.update(f"|{len(files)} files|{text_field}".encode())
     if documents == "lines":
         h.update(b"|documents=lines")
     return h.hexdigest()[:24]
 
 
-def _write_tokens(docs: Iterator[str], tok: TextTokenizer, out: Path, dtype: np.dtype, batch_docs: int = 512) -> tuple[int, int]:
-    """Tokenize in batches (the Rust tokenizer parallelises each batch) and append with EOS; returns
-    (tokens written, largest id written or -1 when none)."""
-    count = 0
-    top = -1
-    eos = tok.eos_id
-    with open(out, "wb") as fh:
-        batch: list[str] = []
+def validation_mask(first: int, n: int, val_fraction: float) -> np.ndarray:
+    """`is_validation` of documents first … first + n - 1, vectorised (the same float64 operations, so the same answers)."""
+    return ((np.arange(first, first + n, dtype=np.int64) + 1) * _PHI) % 1.0 < val_fraction
 
-        def flush() -> int:
-            nonlocal top
-            if not batch:
-                return 0
-            ids = tok.encode_batch(batch)
-            flat = np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int64, count=sum(len(s) + 1 for s in ids))
-            if flat.size and (flat.max() >= np.iinfo(dtype).max + 1 or flat.min() < 0):
-                raise CptError(f"{out}: token id {int(flat.max())} does not fit {dtype}")
-            fh.write(flat.astype(dtype).tobytes())
-            if flat.size:
-                top = max(top, int(flat.max()))
-            batch.clear()
-            return int(flat.size)
 
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) >= batch_docs:
-                count += flush()
-        count += flush()
-    return count, top
+def entry_key(source: str, tok: TextTokenizer, val_fraction: float, documents: str = "auto") -> str:
+    # "auto" adds nothing, so entries written before the documents setting existed stay valid
+    mode = "" if documents in ("auto", "blank-lines") else f"|documents={documents}"
+    return hashlib.sha256(f"{CACHE_VERSION}|{source}|{tok.fingerprint}|{val_fraction}{mode}".encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _entry_lock(directory: Path):
+    """One process of this machine (or of a filesystem with working flock) builds an entry; the others wait, then find it."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # pragma: no cover - a filesystem without locks: the atomic rename still keeps entries whole
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def prepare_task(
     name: str,
-    path: str | Path,
+    path: str | Path | list,
     tok: TextTokenizer,
     cache: Path,
     *,
@@ -136,80 +155,96 @@ def prepare_task(
     key_of_source: str | None = None,
     documents: str = "auto",
     where: str | None = None,
-) -> TaskTokens:
+    dtype: str | None = None,
+    settings: Settings | None = None,
+) -> TaskTokens | None:
     """Tokenize one task's sources (a file, directory, glob or list: `expand_sources`) into the cache (once) and memory-map it.
 
     `key_of_source` is `source_key(path, fmt, text_field, documents=documents)` when the caller has
     already hashed the source (hashing reads every byte, so a run hashes each file once); it covers
     the `documents` mode, which is also hashed into the entry's key here so a caller's key made
     without it cannot bring back an entry split the other way. `where` names the task in errors
-    (`tasks.0 (fr)`); by default `task 'fr'`.
+    (`tasks.0 (fr)`); by default `task 'fr'`. `dtype`: the token type of raw `.bin` token files.
+    `settings` (`cpt.data.prepare.Settings`): workers, shard size, and a `rank`/`world` share of the
+    units for preparing on several machines — with world > 1 only this share is made and None is
+    returned (the last `prepare_task` with world 1 finds the units done and finishes the entry).
     """
+    settings = settings or Settings()
     where = where or f"task {name!r}"
     field = where.split(" ")[0] if where.startswith("tasks.") else "tasks.N"
     files = expand_sources(path, f"{field}.path")
     source = key_of_source or source_key(path, fmt, text_field, documents=documents, where=f"{field}.path")
-    # "auto" adds nothing, so entries written before the documents setting existed stay valid
-    mode = "" if documents in ("auto", "blank-lines") else f"|documents={documents}"
-    key = hashlib.sha256(f"{CACHE_VERSION}|{source}|{tok.fingerprint}|{val_fraction}{mode}".encode()).hexdigest()[:24]
-    directory = cache / "tokens" / key
+    directory = cache / "tokens" / entry_key(source, tok, val_fraction, documents)
     if not (directory / "meta.json").is_file():
-        dtype = token_dtype(tok.vocab_size)
-        t0 = time.perf_counter()
-        stats = ReadStats()
-        counts = {}
-        tops = {}
-        val_stats = ReadStats()
-        # written whole (a failure or a kill leaves no entry); replace=False: when another process
-        # finished the same entry first, its entry is kept and ours discarded
-        with atomic.written_whole(directory, replace=False) as tmp:
-            counts["train"], tops["train"] = _write_tokens(
-                split_documents(iter_documents(files, fmt, text_field, stats, documents), val_fraction, "train"),
-                tok,
-                tmp / "train.bin",
-                dtype,
-            )
-            counts["val"], tops["val"] = _write_tokens(
-                split_documents(iter_documents(files, fmt, text_field, val_stats, documents), val_fraction, "val"),
-                tok,
-                tmp / "val.bin",
-                dtype,
-            )
-            seconds = time.perf_counter() - t0
-            shown = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, …)"
-            if stats.documents == 0:
-                raise CptError(f"{where}: {shown}: no documents (empty file, or every document skipped)")
-            if counts["val"] == 0 or counts["train"] == 0:
-                raise CptError(_too_few_message(where, field, shown, files, fmt, documents, stats.documents, val_fraction))
-            meta = {
-                "source": str(path) if len(files) == 1 else [str(f) for f in files],
-                "documents": stats.documents,
-                "skipped_non_utf8": stats.skipped_non_utf8,
-                "bytes": stats.bytes,
-                "train_tokens": counts["train"],
-                "val_tokens": counts["val"],
-                "max_train_id": tops["train"],
-                "max_val_id": tops["val"],
-                "dtype": dtype.name,
-                "vocab_size": tok.vocab_size,
-                "eos_id": tok.eos_id,
-                "tokenizer": tok.fingerprint,
-                "val_fraction": val_fraction,
-                "seconds": round(seconds, 3),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        mbs = stats.bytes / 1e6 / max(seconds, 1e-9)
-        skipped = f", skipped {stats.skipped_non_utf8} non-UTF-8 document(s)" if stats.skipped_non_utf8 else ""
-        log(
-            f"tokenized {name}: {stats.documents} docs, {stats.bytes / 1e6:.2f} MB → "
-            f"{counts['train']:,} train + {counts['val']:,} val tokens in {seconds:.1f}s ({mbs:.1f} MB/s){skipped}"
-        )
+        if settings.world > 1:
+            _build(name, files, tok, directory, fmt, text_field, val_fraction, log, documents, where, field, dtype, settings)
+            return None
+        with _entry_lock(directory):
+            if not (directory / "meta.json").is_file():
+                _build(name, files, tok, directory, fmt, text_field, val_fraction, log, documents, where, field, dtype, settings)
+    return open_entry(name, directory, tok)
+
+
+def _build(name, files, tok, directory, fmt, text_field, val_fraction, log, documents, where, field, dtype_hint, settings) -> None:
+    t0 = time.perf_counter()
+    dtype = token_dtype(tok.vocab_size)
+    units = plan_units(files, fmt, documents, max(1, int(settings.shard_mb * 1e6)))
+    partial = directory.parent / f".{directory.name}.partial"
+    plan = {"version": PLAN_VERSION, "units": [u.describe() for u in units], "dtype": dtype.name, "tokenizer": tok.fingerprint}
+    start_partial(partial, plan, log)
+    results = run_units(units, partial, tok, dtype, fmt, text_field, documents, dtype_hint, settings, name, f"{field}.path")
+    if settings.world > 1:
+        log(f"prepared {name}: share {settings.rank} of {settings.world} ({len(results)} shard(s))")
+        return
+    for r in results.values():
+        for w in r.warnings:
+            log(f"warning: {w}")
+    shown = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, …)"
+    documents_total = sum(r.documents for r in results.values())
+    if documents_total == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CptError(f"{where}: {shown}: no documents (empty file, or every document skipped)")
+    meta = finalize(
+        partial,
+        units,
+        results,
+        val_fraction,
+        {
+            "source": str(files[0]) if len(files) == 1 else [str(f) for f in files],
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokenizer": tok.fingerprint,
+            "val_fraction": val_fraction,
+        },
+    )
+    if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CptError(_too_few_message(where, field, shown, files, fmt, documents, documents_total, val_fraction))
+    seconds = time.perf_counter() - t0
+    meta["seconds"] = round(seconds, 3)
+    atomic.write_json(partial / "meta.json", meta)
+    atomic.replace_dir(partial, directory, replace=False)
+    mbs = meta["bytes"] / 1e6 / max(seconds, 1e-9)
+    skipped = f", skipped {meta['skipped_non_utf8']} non-UTF-8 document(s)" if meta["skipped_non_utf8"] else ""
+    log(
+        f"tokenized {name}: {documents_total} docs, {meta['bytes'] / 1e6:.2f} MB → "
+        f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens in {seconds:.1f}s ({mbs:.1f} MB/s, "
+        f"{len(units)} shard(s)){skipped}"
+    )
+
+
+def open_entry(name: str, directory: Path, tok: TextTokenizer | None = None) -> TaskTokens:
+    """Memory-map a prepared entry: its shards and train / validation views (or the train.bin / val.bin of an older entry)."""
     meta = json.loads((directory / "meta.json").read_text())
+    if tok is not None and meta["vocab_size"] != tok.vocab_size:  # pragma: no cover - the key includes the tokenizer
+        raise CptError(f"{directory}: cached tokens were made with another tokenizer; delete the directory")
+    if meta.get("layout") == "shards":
+        shards = open_shards(directory, meta)
+        return TaskTokens(name, TokenView.load(shards, directory / "train"), TokenView.load(shards, directory / "val"), directory, meta)
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(directory / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(directory / "val.bin", dtype=dtype, mode="r")
-    if meta["vocab_size"] != tok.vocab_size:  # pragma: no cover - the key includes the tokenizer
-        raise CptError(f"{directory}: cached tokens were made with another tokenizer; delete the directory")
     return TaskTokens(name, train, val, directory, meta)
 
 
@@ -225,36 +260,82 @@ def _too_few_message(where: str, field: str, shown: str, files: list[Path], fmt:
 
 
 def prepare_for(
-    task: TaskConfig, tok: TextTokenizer, cache: Path, log=None, key_of_source: str | None = None, index: int | None = None
-) -> TaskTokens:
-    """`prepare_task` for one configured task (`tasks.<index>` of a run config, named so in errors)."""
+    task: TaskConfig,
+    tok: TextTokenizer,
+    cache: Path,
+    log=None,
+    key_of_source: str | None = None,
+    index: int | None = None,
+    settings: Settings | None = None,
+) -> TaskTokens | None:
+    """`prepare_task` for one configured task (`tasks.<index>` of a run config, named so in errors); a task of
+    `sources` prepares each source and returns their mixture (None for a `settings.world` > 1 share)."""
     extra = {"log": log} if log is not None else {}
-    return prepare_task(
-        task.name,
-        task.path,
-        tok,
-        cache,
-        fmt=task.format,
-        text_field=task.text_field,
-        val_fraction=task.val_fraction,
-        key_of_source=key_of_source,
-        documents=task.documents,
-        where=f"tasks.{index} ({task.name})" if index is not None else None,
-        **extra,
+    label = f"tasks.{index}" if index is not None else None
+    if task.sources is None:
+        return prepare_task(
+            task.name,
+            task.path,
+            tok,
+            cache,
+            fmt=task.format,
+            text_field=task.text_field,
+            val_fraction=task.val_fraction,
+            key_of_source=key_of_source,
+            documents=task.documents,
+            where=f"{label} ({task.name})" if label else None,
+            dtype=task.dtype,
+            settings=settings,
+            **extra,
+        )
+    parts = []
+    for i, part in enumerate(task.parts()):
+        where = f"{label or 'tasks.N'}.sources.{i} ({task.name})"
+        parts.append(
+            prepare_task(
+                part.name,
+                part.path,
+                tok,
+                cache,
+                fmt=part.format,
+                text_field=part.text_field,
+                val_fraction=part.val_fraction,
+                documents=part.documents,
+                where=where,
+                dtype=part.dtype,
+                settings=settings,
+                key_of_source=source_key(part.path, part.format, part.text_field, cache, part.documents, f"{where.split(' ')[0]}.path"),
+                **extra,
+            )
+        )
+    if any(p is None for p in parts):
+        return None
+    meta = {
+        "sources": [p.meta.get("source") for p in parts],
+        "weights": task.weights,
+        "documents": sum(p.meta["documents"] for p in parts),
+        "train_tokens": sum(p.meta["train_tokens"] for p in parts),
+        "val_tokens": sum(p.meta["val_tokens"] for p in parts),
+        "max_train_id": max(p.meta.get("max_train_id", -1) for p in parts),
+        "max_val_id": max(p.meta.get("max_val_id", -1) for p in parts),
+        "layout": "shards",
+    }
+    return TaskTokens(
+        task.name, concat([p.train for p in parts]), concat([p.val for p in parts]), parts[0].directory, meta, parts, task.weights
     )
 
 
 def check_token_range(task: TaskTokens, vocab_size: int) -> None:
     """Ids beyond the model's embedding table would crash deep inside the model; say so up front.
 
-    Uses the maxima `prepare_task` stored in meta.json; scans the token file only for an entry
-    written before they were stored."""
+    Uses the maxima the entry's meta.json records (`max_train_id`, `max_val_id`); scans a split only
+    for an entry written before they were stored."""
     for split, arr in (("train", task.train), ("val", task.val)):
         top = task.meta.get(f"max_{split}_id")
         if not isinstance(top, int):
-            top = int(arr.max()) if arr.size else 0
+            top = int(np.max(np.asarray(arr))) if len(arr) else 0
         if top >= vocab_size:
+            shown = f"{task.directory} ({split} split)" if task.meta.get("layout") == "shards" else task.directory / f"{split}.bin"
             raise CptError(
-                f"task {task.name!r}: token id {top} in {task.directory / (split + '.bin')} is outside the "
-                f"model's vocabulary ({vocab_size}); use the model's own tokenizer"
+                f"task {task.name!r}: token id {top} in {shown} is outside the model's vocabulary ({vocab_size}); use the model's own tokenizer"
             )

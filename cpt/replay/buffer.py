@@ -4,7 +4,7 @@ The training loop offers every new training sequence to `ReplayBuffer.add` after
 step and later draws replay rows with `sample_slots` + `read` (usually through
 `cpt.replay.prefetch.ReplayPrefetcher`), restricted to the task ids `eligible()` names. The rows
 live in a memory-mapped token file `shard-NNN.tokens` of shape [slots, row_len] (uint16 or
-uint32); the per-slot task ids and the policy/RNG state live in `shard-NNN.meta.json`, which
+uint32; with store "refs", [slots, 1] int64 offsets, see below); the per-slot task ids and the policy/RNG state live in `shard-NNN.meta.json`, which
 `flush()` replaces atomically. Only the small per-slot bookkeeping (`SlotTable`) is held in RAM,
 never the rows. Each data-parallel rank owns its own shard (the shard index is part of the file
 names): no two processes ever write the same file, and a buffer object is not shared between
@@ -36,6 +36,19 @@ from any of the last K checkpoints (each preceded by one flush) keep at least K 
 Journals are written with buffered appends and a flush per `add()`, without fsync, so they
 protect against a killed process, not against losing the machine's power. A growing ("all")
 buffer never overwrites a row and keeps no journal.
+
+What a slot stores (`store`, `replay.buffer.store`). With "rows" (the default) a slot holds the
+row's tokens. With "refs" it holds one int64, the row's token offset in its task's training
+split (`TaskStream.last_starts`), next to the task id every slot keeps: `read` resolves (task id,
+offset) to `tokens_of_task[task][offset : offset + row_len]` through the resolver given at
+construction and to `open` (task id → a 1-D token array-like supporting `len()` and contiguous
+slicing; the run passes its tasks' memory-mapped training splits). Internally a refs shard is a
+shard of rows of width 1 and dtype int64, so policies, draws, undo journals, resume and growth
+are the same code and make the same choices; a run gives the same loss matrix with either store,
+and with capacity "all" the refs shard takes 8 bytes per row instead of row_len × 2 (or 4). The
+rows must stay resolvable: the task token files are the run's own, so a refs buffer cannot serve
+as (or start from) another run's `replay.buffer.init`. The metadata records the store, and
+reopening a shard with the other one is a CptError.
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ import os
 import shutil
 import threading
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -56,6 +69,7 @@ from cpt import atomic
 from cpt.errors import CptError
 
 POLICIES = ("reservoir", "balanced", "fifo")
+STORES = ("rows", "refs")  # what a slot holds: the row's tokens, or its task-file offset (see above)
 _DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 _FORMAT = 1
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # Linux; elsewhere reads just fault
@@ -67,6 +81,32 @@ _APPLY_CHUNK = 4096  # journal records restored per fancy-indexed write
 
 class _Barrier(Protocol):
     def barrier(self) -> None: ...
+
+
+def slot_layout(store: str, row_len: int, dtype: np.dtype) -> tuple[int, np.dtype]:
+    """(values per slot, their dtype) in a shard's tokens file: the row itself, or one int64 offset."""
+    if store == "refs":
+        return 1, np.dtype(np.int64)
+    return row_len, np.dtype(dtype)
+
+
+def _meta_slot_bytes(meta: dict) -> int:
+    """Bytes per slot of the tokens file a shard's metadata describes (shards before `store`: rows)."""
+    width, dt = slot_layout(meta.get("store", "rows"), int(meta["row_len"]), _DTYPES[meta["dtype"]])
+    return width * dt.itemsize
+
+
+def _allocated_bytes(directory: Path, shard: int) -> int:
+    """What one shard's files (tokens, metadata, undo journals) occupy on disk (allocated blocks; sparse tails are free)."""
+    total = 0
+    for p in Path(directory).glob(f"shard-{shard:03d}.*"):
+        try:
+            st = p.stat()
+        except OSError:  # removed meanwhile
+            continue
+        blocks = getattr(st, "st_blocks", None)  # POSIX; elsewhere the file's length
+        total += blocks * 512 if blocks is not None else st.st_size
+    return total
 
 
 def capacity_rows_from(capacity: str | float, unit: str, row_len: int) -> int | None:
@@ -318,6 +358,7 @@ class UndoJournal:
 
     A journal is a header (b"CPTUNDO1", then little-endian int64 mark, fill at the mark,
     row_len, token itemsize) followed by records (int64 slot, int64 old task id, the old row),
+    where a refs buffer's "row" is its one int64 offset (row_len 1, itemsize 8);
     appended in the order written; a torn last record is ignored when read. `marks` lists the
     epochs whose journals are kept, oldest first (the buffer saves it in its metadata). One
     epoch at a time is open for appends; within it each slot below the epoch's fill is recorded
@@ -464,28 +505,41 @@ class ReplayBuffer:
         *,
         overwrite: bool = False,
         owner: dict | None = None,
+        store: str = "rows",
+        resolver: Mapping[int, Any] | None = None,
     ) -> None:
         dt = np.dtype(dtype)
         if dt.name not in _DTYPES:
             raise CptError(f"replay buffer: dtype must be uint16 or uint32, got {dt.name}")
         if policy not in POLICIES:
             raise CptError(f"replay.buffer.policy: expected one of {POLICIES}, got {policy!r}")
+        if store not in STORES:
+            raise CptError(f"replay.buffer.store: expected one of {STORES}, got {store!r}")
+        if store == "refs" and resolver is None:
+            raise CptError("replay.buffer.store: refs needs the tasks' token arrays to resolve rows (a resolver)")
         if row_len < 1 or (capacity_rows is not None and capacity_rows < 1):
             raise CptError(f"replay buffer: need row_len >= 1 and capacity_rows >= 1 or None, got {row_len}, {capacity_rows}")
-        self._configure(Path(directory), shard, row_len, capacity_rows, policy, dt, seed)
+        self._configure(Path(directory), shard, row_len, capacity_rows, policy, dt, seed, store)
+        self.set_resolver(resolver)
         self.owner = owner
         if self._tokens_path.exists() and not overwrite:
             raise CptError(f"{self._tokens_path}: a replay buffer already exists there; reuse it with ReplayBuffer.open or delete it")
         self.directory.mkdir(parents=True, exist_ok=True)
         rows = capacity_rows if capacity_rows is not None else _MIN_ALL_ROWS
         with open(self._tokens_path, "wb") as f:
-            f.truncate(rows * row_len * dt.itemsize)  # sparse: no disk used until written
+            f.truncate(rows * self._slot_bytes)  # sparse: no disk used until written
         self._map(rows)
         self.flush()
 
-    def _configure(self, directory: Path, shard: int, row_len: int, capacity: int | None, policy: str, dt: np.dtype, seed: int) -> None:
+    def _configure(
+        self, directory: Path, shard: int, row_len: int, capacity: int | None, policy: str, dt: np.dtype, seed: int, store: str
+    ) -> None:
         self.directory, self.shard, self.row_len = directory, shard, row_len
-        self.policy, self.dtype, self.seed = policy, dt, seed
+        self.policy, self.dtype, self.seed, self.store = policy, dt, seed, store
+        # the tokens file holds `_width` values of `_file_dtype` per slot: the row, or one int64 offset
+        self._width, self._file_dtype = slot_layout(store, row_len, dt)
+        self._slot_bytes = self._width * self._file_dtype.itemsize
+        self._resolver: dict[int, Any] | None = None
         self._capacity = capacity
         self._tokens_path = directory / f"shard-{shard:03d}.tokens"
         self._meta_path = directory / f"shard-{shard:03d}.meta.json"
@@ -495,7 +549,7 @@ class ReplayBuffer:
         # _mark: offered at the last flush (the open journal epoch with a finite capacity);
         # _meta_mark: the mark of the state in the metadata file
         self._mark = self._meta_mark = 0
-        self._journal = UndoJournal(directory, shard, row_len, dt, capacity) if capacity is not None else None
+        self._journal = UndoJournal(directory, shard, self._width, self._file_dtype, capacity) if capacity is not None else None
         ins, smp = np.random.SeedSequence([seed, shard]).spawn(2)  # open() loads the saved states
         self._rng_insert = np.random.Generator(np.random.PCG64(ins))
         self._rng_sample = np.random.Generator(np.random.PCG64(smp))
@@ -505,29 +559,42 @@ class ReplayBuffer:
         if not hasattr(self, "_fd"):  # for read-ahead hints; closed with the object
             self._fd = os.open(self._tokens_path, os.O_RDONLY)
             self._close_fd = weakref.finalize(self, os.close, self._fd)
-        self._mm = np.memmap(self._tokens_path, dtype=self.dtype, mode="r+", shape=(rows, self.row_len))
+        self._mm = np.memmap(self._tokens_path, dtype=self._file_dtype, mode="r+", shape=(rows, self._width))
         self._rows = self._mm.view(np.ndarray)  # plain view: cheaper indexing, copies on fancy
         self._table.resize(rows)
 
     @classmethod
-    def open(cls, directory: Path, shard: int = 0) -> ReplayBuffer:
-        """Reopen a flushed buffer (e.g. a kept `replay.buffer.dir`) with its state."""
+    def open(cls, directory: Path, shard: int = 0, *, store: str | None = None, resolver: Mapping[int, Any] | None = None) -> ReplayBuffer:
+        """Reopen a flushed buffer (e.g. a kept `replay.buffer.dir`) with its state.
+
+        `store`: the store the caller expects (None: whichever the shard was written with); a shard
+        written with the other one is a CptError. `resolver`: the task token arrays a refs shard
+        reads its rows from (a refs shard opened without one keeps its state but cannot `read`).
+        """
         meta_path = Path(directory) / f"shard-{shard:03d}.meta.json"
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             raise CptError(f"{meta_path}: cannot read replay buffer metadata ({e})") from None
+        saved = meta.get("store", "rows")  # shards written before `store` hold rows
+        if saved not in STORES:
+            raise CptError(f"{meta_path}: unknown replay.buffer.store {saved!r}")
+        if store is not None and store != saved:
+            raise CptError(
+                f"replay.buffer.store: {store}, but the buffer in {directory} was written with store: {saved}; "
+                f"use store: {saved} to reopen it, or start it again"
+            )
         self = cls.__new__(cls)
         self._configure(
-            Path(directory), shard, meta["row_len"], meta["capacity_rows"], meta["policy"], _DTYPES[meta["dtype"]], meta["seed"]
+            Path(directory), shard, meta["row_len"], meta["capacity_rows"], meta["policy"], _DTYPES[meta["dtype"]], meta["seed"], saved
         )
+        self.set_resolver(resolver)
         self.owner = meta.get("owner")
-        itemsize = self.dtype.itemsize * self.row_len
+        itemsize = self._slot_bytes
         size = self._tokens_path.stat().st_size if self._tokens_path.exists() else -1
         if size <= 0 or size % itemsize or size // itemsize < (self._capacity or 0):
-            raise CptError(
-                f"{self._tokens_path}: missing, truncated or not a whole number of rows of {self.row_len} {self.dtype.name} tokens"
-            )
+            what = "int64 row offsets" if saved == "refs" else f"rows of {self.row_len} {self.dtype.name} tokens"
+            raise CptError(f"{self._tokens_path}: missing, truncated or not a whole number of {what}")
         self._map(size // itemsize)
         self._table.offered = int(meta["offered"])
         self._mark = self._meta_mark = int(meta.get("mark", self._table.offered))
@@ -539,10 +606,32 @@ class ReplayBuffer:
         self.load_state_dict(meta)  # also undoes rows written after the last flush
         return self
 
+    def set_resolver(self, resolver: Mapping[int, Any] | None) -> None:
+        """The task token arrays (task id → 1-D array-like with len() and slicing) a refs buffer reads rows from."""
+        self._resolver = None if resolver is None else dict(resolver)
+
+    def _task_tokens(self, task: int, where: str) -> Any:
+        if self._resolver is None:
+            raise CptError(f"{where}: a buffer with replay.buffer.store: refs needs the tasks' token arrays to resolve rows")
+        try:
+            return self._resolver[task]
+        except KeyError:
+            raise CptError(f"{where}: no token array for task id {task} to resolve its rows (replay.buffer.store: refs)") from None
+
     # -- introspection -------------------------------------------------------------------
     @property
     def fill(self) -> int:
         return self._table.fill
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the stored slots take in the tokens file: fill × (row_len × token bytes, or 8 with refs)."""
+        return self._table.fill * self._slot_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        """What this shard's files (tokens, metadata, journals) occupy on disk now (allocated blocks)."""
+        return _allocated_bytes(self.directory, self.shard)
 
     @property
     def capacity_rows(self) -> int | None:
@@ -577,21 +666,34 @@ class ReplayBuffer:
             self._prefetcher = None
 
     # -- inserts -------------------------------------------------------------------------
-    def add(self, rows: np.ndarray, task_id: int) -> None:
-        """Offer rows [n, row_len] of one task; the policy decides which are stored where."""
-        rows = np.asarray(rows)
+    def add(self, rows: np.ndarray | None, task_id: int, starts: np.ndarray | None = None) -> None:
+        """Offer rows [n, row_len] of one task; the policy decides which are stored where.
+
+        With store "refs" `starts` (int [n]) are the rows' token offsets in the task's token array
+        and are what is stored; `rows` may then be None (when given, its shape is checked and its
+        first row compared with the resolved one, which catches a resolver of other tokens).
+        """
         where = f"replay buffer {self._tokens_path}"
-        if rows.dtype.kind not in "iu":
-            raise CptError(f"{where}: rows must be integer token ids, got dtype {rows.dtype}")
-        if rows.ndim != 2 or rows.shape[1] != self.row_len:
-            raise CptError(f"{where}: rows must have shape [n, row_len={self.row_len}], got {rows.shape}")
         if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or task_id < 0:
             raise CptError(f"{where}: task_id must be an int >= 0, got {task_id!r}")
-        if rows.size and (rows.min() < 0 or rows.max() > np.iinfo(self.dtype).max):
-            raise CptError(
-                f"{where}: token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype.name}, got [{rows.min()}, {rows.max()}]"
-            )
-        if len(rows) == 0:
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.dtype.kind not in "iu":
+                raise CptError(f"{where}: rows must be integer token ids, got dtype {rows.dtype}")
+            if rows.ndim != 2 or rows.shape[1] != self.row_len:
+                raise CptError(f"{where}: rows must have shape [n, row_len={self.row_len}], got {rows.shape}")
+        if self.store == "refs":
+            payload = self._refs_payload(rows, int(task_id), starts, where)
+        else:
+            if rows is None:
+                raise CptError(f"{where}: rows are required (replay.buffer.store: rows)")
+            if rows.size and (rows.min() < 0 or rows.max() > np.iinfo(self.dtype).max):
+                raise CptError(
+                    f"{where}: token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype.name}, "
+                    f"got [{rows.min()}, {rows.max()}]"
+                )
+            payload = rows
+        if len(payload) == 0:
             return
         if self._prefetcher is not None:
             self._prefetcher.barrier()  # reads submitted before this add see the old rows
@@ -600,7 +702,7 @@ class ReplayBuffer:
                 raise CptError(f"{where}: the buffer is closed")
             self._table.replaced = {} if self._journal is not None else None
             try:
-                src, slots = self._place(len(rows), int(task_id))
+                src, slots = self._place(len(payload), int(task_id))
                 if len(src) and self._journal is not None:
                     self._journal.record(slots, self._table.replaced, self._rows)
             finally:
@@ -608,9 +710,30 @@ class ReplayBuffer:
             if len(src) == 0:
                 return
             if np.all(np.diff(slots) == 1):  # fill phase: one contiguous block write
-                self._rows[slots[0] : slots[-1] + 1] = rows[src]
+                self._rows[slots[0] : slots[-1] + 1] = payload[src]
             else:
-                self._rows[slots] = rows[src]
+                self._rows[slots] = payload[src]
+
+    def _refs_payload(self, rows: np.ndarray | None, task: int, starts: np.ndarray | None, where: str) -> np.ndarray:
+        """The int64 [n, 1] offsets a refs buffer stores for `starts`, checked against the task's token array."""
+        if starts is None:
+            raise CptError(f"{where}: replay.buffer.store: refs needs the rows' token offsets (starts)")
+        starts = np.asarray(starts).reshape(-1)
+        if starts.dtype.kind not in "iu":
+            raise CptError(f"{where}: row offsets must be integers, got dtype {starts.dtype}")
+        if rows is not None and len(rows) != len(starts):
+            raise CptError(f"{where}: {len(rows)} rows but {len(starts)} offsets")
+        tokens = self._task_tokens(task, where)
+        if len(starts) and (starts.min() < 0 or int(starts.max()) + self.row_len > len(tokens)):
+            raise CptError(
+                f"{where}: row offsets must lie in [0, {len(tokens) - self.row_len}] for task id {task}, "
+                f"got [{starts.min()}, {starts.max()}]"
+            )
+        if rows is not None and len(rows):
+            s = int(starts[0])
+            if not np.array_equal(rows[0], np.asarray(tokens[s : s + self.row_len])):
+                raise CptError(f"{where}: the row at offset {s} of task id {task}'s tokens is not the row offered; wrong token array")
+        return starts.astype(np.int64).reshape(-1, 1)
 
     def _place(self, n: int, task: int) -> tuple[np.ndarray, np.ndarray]:
         """Count n offered rows and let the policy choose and assign their slots; returns
@@ -625,7 +748,7 @@ class ReplayBuffer:
         self._mm.flush()
         del self._rows, self._mm
         with open(self._tokens_path, "r+b") as f:
-            f.truncate(rows * self.row_len * self.dtype.itemsize)
+            f.truncate(rows * self._slot_bytes)
         self._map(rows)
 
     # -- sampling ------------------------------------------------------------------------
@@ -669,19 +792,27 @@ class ReplayBuffer:
             return np.array([tb.task_slots[tasks[a]][b] for a, b in zip(k.tolist(), off.tolist())], dtype=np.int64)
 
     def read(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the rows in `slots` (in that order) and their task ids."""
+        """Copies of the rows in `slots` (in that order, [n, row_len] of the token dtype) and their task ids."""
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-        if _WILLNEED is not None and len(slots) > 1:
+        if _WILLNEED is not None and len(slots) > 1 and self.store == "rows":
             # Page faults on the memmap read one row at a time (~1 ms each on a cold disk);
             # announcing all rows first lets the kernel fetch them in parallel (~40x faster).
-            nbytes = self.row_len * self.dtype.itemsize
+            nbytes = self._slot_bytes
             for s in slots.tolist():
                 os.posix_fadvise(self._fd, s * nbytes, nbytes, _WILLNEED)
         with self._lock:
             fill = self._table.fill
             if len(slots) and (slots.min() < 0 or slots.max() >= fill):
                 raise IndexError(f"replay slots must lie in [0, {fill}), got [{slots.min()}, {slots.max()}]")
-            return self._rows[slots], self._table.slot_task[slots]
+            stored, tasks = self._rows[slots], self._table.slot_task[slots]  # copies (fancy indexing)
+        if self.store == "rows":
+            return stored, tasks
+        # the task token files never change: resolve outside the lock, from the copied offsets
+        where = f"replay buffer {self._tokens_path}"
+        out = np.empty((len(slots), self.row_len), dtype=self.dtype)
+        for i, (task, start) in enumerate(zip(tasks.tolist(), stored[:, 0].tolist())):
+            out[i] = self._task_tokens(task, where)[start : start + self.row_len]
+        return out, tasks
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -695,6 +826,7 @@ class ReplayBuffer:
             "format": _FORMAT,
             "row_len": self.row_len,
             "dtype": self.dtype.name,
+            "store": self.store,
             "capacity_rows": self._capacity,
             "policy": self.policy,
             "seed": self.seed,
@@ -726,6 +858,8 @@ class ReplayBuffer:
         ):
             if d.get(key) != mine:
                 raise CptError(f"{where}: saved state has {key}={d.get(key)!r}, the buffer has {mine!r}")
+        if d.get("store", "rows") != self.store:  # states saved before `store` are of rows
+            raise CptError(f"{where}: saved state has store={d.get('store', 'rows')!r}, the buffer has {self.store!r}")
         if d.get("format") != _FORMAT:
             raise CptError(f"{where}: unknown state format {d.get('format')!r}")
         fill, offered = int(d["fill"]), int(d["offered"])
@@ -824,7 +958,7 @@ class ReplayBuffer:
 
     def __repr__(self) -> str:
         return (
-            f"ReplayBuffer({self._tokens_path}, policy={self.policy}, fill={self.fill}/"
+            f"ReplayBuffer({self._tokens_path}, policy={self.policy}, store={self.store}, fill={self.fill}/"
             f"{self._capacity or 'all'}, tasks={self.counts_per_task()})"
         )
 
@@ -838,10 +972,12 @@ def peek(directory: str | Path, all_shards: bool = True) -> dict[str, Any] | Non
     """What a buffer directory holds, read without changing anything; None when it holds no buffer.
 
     Keys: shards (how many ranks wrote it), owner (the run that writes it, None for buffers written
-    before cpt recorded owners), row_len, dtype, policy, capacity_rows (per shard), fill (all
-    shards), rows_per_task {task id: rows stored}, tasks (the task ids ever offered, sorted).
-    `all_shards=False` parses shard 0's metadata only (the owner and settings; fill, rows and tasks
-    are then shard 0's): what every rank checks at start, without reading every other rank's slot lists.
+    before cpt recorded owners), row_len, dtype, policy, store ("rows" or "refs"), capacity_rows (per
+    shard), fill (all shards), rows_per_task {task id: rows stored}, tasks (the task ids ever
+    offered, sorted), stored_bytes (what the stored slots take in the tokens files: fill × bytes per
+    slot) and disk_bytes (what the shards' files — tokens, metadata, journals — occupy on disk).
+    `all_shards=False` parses shard 0's metadata only (the owner and settings; fill, rows, tasks and
+    bytes are then shard 0's): what every rank checks at start, without reading every other rank's slot lists.
     """
     files = _shard_meta_files(Path(directory))
     if not files:
@@ -869,10 +1005,13 @@ def peek(directory: str | Path, all_shards: bool = True) -> dict[str, Any] | Non
         "row_len": first.get("row_len"),
         "dtype": first.get("dtype"),
         "policy": first.get("policy"),
+        "store": first.get("store", "rows"),
         "capacity_rows": [m.get("capacity_rows") for m in metas],
         "fill": sum(int(m.get("fill", 0)) for m in metas),
         "rows_per_task": dict(sorted(rows.items())),
         "tasks": sorted(tasks),
+        "stored_bytes": sum(int(m.get("fill", 0)) * _meta_slot_bytes(m) for m in metas),
+        "disk_bytes": sum(_allocated_bytes(Path(directory), i) for i in indices[: len(metas)]),
     }
 
 
@@ -899,7 +1038,7 @@ def copy_shard(source: str | Path, directory: str | Path, shard: int) -> None:
     tokens = source / f"shard-{shard:03d}.tokens"
     target = directory / tokens.name
     size = tokens.stat().st_size
-    used = int(meta["fill"]) * int(meta["row_len"]) * _DTYPES[meta["dtype"]].itemsize
+    used = int(meta["fill"]) * _meta_slot_bytes(meta)
     with open(tokens, "rb") as src, open(target, "wb") as dst:
         left = used
         while left > 0:

@@ -8,7 +8,9 @@ new ones, and a task runs until its budget of NEW tokens is met (so replay adds 
 
 `MixedBatchSource` is the loop's batch seam: `next_batch(step)` returns the step's rows (new rows
 from the task stream, replayed rows from the buffer), and `after_step()` (the first after-step
-hook, cpt.training.hooks) offers the new rows to the buffer. Replay slots for step s+2 are drawn (in the main thread, deterministically) right
+hook, cpt.training.hooks) offers the new rows to the buffer — with `replay.buffer.store: refs`
+together with their token offsets in the task file (`TaskStream.last_starts`), which is what such
+a buffer stores. Replay slots for step s+2 are drawn (in the main thread, deterministically) right
 after step s's rows were stored, and read by the prefetch thread while step s+1 computes.
 """
 
@@ -131,6 +133,7 @@ class MixedBatchSource:
         self.ready: dict[int, np.ndarray] = {}  # step -> rows drawn and read
         self.stats = ReplayStats([0] * len(plan.task_ends), [0] * len(plan.task_ends))
         self._new_rows: np.ndarray | None = None
+        self._new_starts: np.ndarray | None = None  # the new rows' token offsets (a refs buffer stores these)
         self._counts = (0, 0)
         self._task: int = 0
         self.wait_seconds = 0.0
@@ -199,8 +202,10 @@ class MixedBatchSource:
             replay = None
         n_replay = 0 if replay is None else len(replay)
         n_new = self.plan.rows_per_step - n_replay
-        new = self.streams[task].next_rows(n_new)
+        stream = self.streams[task]
+        new = stream.next_rows(n_new)
         self._new_rows = new
+        self._new_starts = getattr(stream, "last_starts", None)
         self.stats.new_rows[task] += n_new
         self.stats.replay_rows[task] += n_replay
         self._counts = (n_new, n_replay)
@@ -215,8 +220,11 @@ class MixedBatchSource:
             self.stats.new_rows[self._task] -= n_new
             self.stats.replay_rows[self._task] -= n_replay
         elif self.buffer is not None and self._new_rows is not None:
-            self.buffer.add(self._new_rows, self.task_offset + self._task)
-        self._new_rows = None
+            if getattr(self.buffer, "store", "rows") == "refs":
+                self.buffer.add(self._new_rows, self.task_offset + self._task, starts=self._new_starts)
+            else:
+                self.buffer.add(self._new_rows, self.task_offset + self._task)
+        self._new_rows = self._new_starts = None
         self._draw(step + self.LOOKAHEAD)
         return []
 

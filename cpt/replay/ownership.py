@@ -11,7 +11,9 @@ is written:
 - a resumed run opens only the buffer its own run id owns;
 - starting from another run's rows is explicit: `replay.buffer.init: DIR` copies DIR's shards into
   this run's buffer (DIR is only read) and this run's task ids start after DIR's;
-- shards map one to one onto ranks: a kept buffer written by another number of ranks is refused.
+- shards map one to one onto ranks: a kept buffer written by another number of ranks is refused;
+- a buffer of references (`replay.buffer.store: refs`) points into its own run's token files, so it
+  neither starts from `init` nor serves as another run's `init`.
 
 Capacity is global like every other budget: shard r of W holds ⌊C/W⌋ rows, plus one for r < C mod W.
 """
@@ -54,7 +56,19 @@ def shard_capacity(total: int | None, world: int, rank: int) -> int | None:
 def describe(info: dict) -> str:
     owner = info.get("owner") or {}
     who = f"run {owner.get('run_dir')}" if owner else "a run of an older cpt (no owner recorded)"
-    return f"{info['fill']} sequences of task ids {info['rows_per_task'] or '{}'} in {info['shards']} shard(s), written by {who}"
+    store = info.get("store", "rows")
+    size = f"{info.get('disk_bytes', 0) / 2**20:.1f} MiB on disk, store {store}"
+    return f"{info['fill']} sequences of task ids {info['rows_per_task'] or '{}'} in {info['shards']} shard(s) ({size}), written by {who}"
+
+
+def check_store(cfg: RunConfig) -> None:
+    """`replay.buffer.store: refs` resolves rows in this run's own task files: refused with `replay.buffer.init`."""
+    bc = cfg.replay.buffer
+    if bc.store == "refs" and bc.init:
+        raise CptError(
+            "replay.buffer.store: refs cannot start from replay.buffer.init (the rows of another run's tasks cannot be "
+            "resolved in this run's token files); use store: rows"
+        )
 
 
 def _same_dir(a: Path, b: Path) -> bool:
@@ -63,6 +77,7 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 def init_task_offset(cfg: RunConfig) -> int:
     """How many task ids the buffer at replay.buffer.init holds: this run's task ids start after them."""
+    check_store(cfg)
     if cfg.replay.rate <= 0 or not cfg.replay.buffer.init:
         return 0
     info = peek(cfg.replay.buffer.init)
@@ -78,6 +93,7 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
     `dtype`: the token dtype of this run's tokenizer (uint16 / uint32).
     """
     rp = cfg.replay
+    check_store(cfg)
     if rp.rate <= 0:
         return
     directory = buffer_dir(cfg, out)
@@ -111,6 +127,11 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
         raise CptError(
             f"replay.buffer.init: {source} was written by {info['shards']} rank(s) and this run has {world}; "
             f"run with {info['shards']} (shards are not remapped to another world size)"
+        )
+    if info["store"] != "rows":
+        raise CptError(
+            f"replay.buffer.init: {source} stores references into its own run's token files (replay.buffer.store: "
+            f"{info['store']}), not rows; only a buffer of rows can start another run"
         )
     row_len = cfg.training.seq_len + 1
     if info["row_len"] != row_len:

@@ -1,6 +1,7 @@
 """From a validated config to the parts of a run, one small function per part (litgpt's `setup()`).
 
-    tokenizer + prepared tasks   prepare_data     (rank 0 tokenizes; the others wait, then read the cache)
+    tokenizer + prepared tasks   prepare_data     (before the process group: local rank 0 tokenizes, the others
+                                                   poll a marker file, then open the cache; agree_on_data after)
     model + parallel wrapper     model_for / parallel_for (cpt.model, cpt.training.parallel)
     task streams + step plan     streams_for, plan_for   (where α acts: the plan's replay rows per step)
     optimizer                    cpt.training.optim.optimizer_for
@@ -14,22 +15,31 @@ the run directory, except `buffer_for`, which the run calls once the directory i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
+import os
+import re
+import socket
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cpt import atomic
 from cpt.alignment.probe import AlignmentProbe
 from cpt.alignment.reptile import MetaUpdates, Reptile, optimizer_params
-from cpt.config import RunConfig
+from cpt.config import RunConfig, TaskConfig
+from cpt.data.mixture import MixtureStream
+from cpt.data.prepare import Settings
 from cpt.data.readers import iter_documents
 from cpt.data.streams import JointStream, TaskStream
 from cpt.data.tokenizer import TextTokenizer, cache_root, load_tokenizer, train_or_load_bpe
-from cpt.data.tokens import TaskTokens, check_token_range, prepare_for, source_key, split_documents, token_dtype
+from cpt.data.tokens import TaskTokens, check_token_range, prepare_for, split_documents, task_key, token_dtype
 from cpt.errors import CptError
 from cpt.model import enable_activation_checkpointing, model_for
 from cpt.replay import ownership
@@ -46,8 +56,8 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ data
-def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str], log=_log) -> TextTokenizer:
-    """`tokenizer.path`, else model.init's own tokenizer, else a byte-level BPE trained on the tasks' training splits (cached)."""
+def _given_tokenizer(cfg: RunConfig) -> TextTokenizer | None:
+    """`tokenizer.path`, else model.init's own tokenizer; None when a BPE is to be trained. Only loads, never trains."""
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.model.init:
@@ -59,16 +69,111 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str],
             f"model.init: {init} holds no tokenizer (tokenizer.json / tokenizer_config.json); set tokenizer.path "
             "to the tokenizer the model was trained with"
         )
-    parts = [f"{key}:{t.val_fraction}" for key, t in zip(source_keys, cfg.tasks)]
-    settings = f"{'|'.join(parts)}|{cfg.tokenizer.vocab_size}|{cfg.tokenizer.min_frequency}"
+    return None
+
+
+def _training_documents(task: TaskConfig, index: int) -> Iterator[str]:
+    """A task's training documents in reading order (the held-out ones left out); a task of sources: each source's, in turn."""
+    for j, part in enumerate(task.parts()):
+        where = f"tasks.{index}.path" if task.sources is None else f"tasks.{index}.sources.{j}.path"
+        docs = iter_documents(part.path, part.format, part.text_field, documents=part.documents, where=where)
+        yield from split_documents(docs, part.val_fraction, "train")
+
+
+def bpe_sample(docs: Iterable[str], budget: int) -> tuple[list[str], dict]:
+    """The documents a BPE learns from: every k-th of `docs`, k the smallest power of two whose documents
+    total at most `budget` bytes of UTF-8; (texts, a record of what was taken).
+
+    One pass, with no need to know the total in advance: documents are kept while they fit; whenever
+    the kept ones pass the bound, every other one is dropped and k doubles. So the sample is spread
+    evenly over the whole stream (a corpus sorted by source or date is not represented by its head
+    only), and it depends only on the documents, never on how they are read. A kept document longer than `budget` is cut to
+    its first `budget` bytes (at a character boundary), so the sample never passes the bound. Memory:
+    the sample, at most `budget` bytes plus one document. The record's `whole` is true when the sample
+    is every document uncut, i.e. the same texts as no bound at all.
+    """
+    kept: list[tuple[int, str, int]] = []  # (document index, text, UTF-8 bytes)
+    stride, total, seen, cut = 1, 0, 0, False
+    for i, doc in enumerate(docs):
+        seen += 1
+        if i % stride:
+            continue
+        raw = doc.encode("utf-8")
+        if len(raw) > budget:
+            doc, cut = raw[:budget].decode("utf-8", "ignore"), True
+            raw = doc.encode("utf-8")
+        kept.append((i, doc, len(raw)))
+        total += len(raw)
+        while total > budget:
+            stride *= 2
+            kept = [k for k in kept if k[0] % stride == 0]
+            total = sum(k[2] for k in kept)
+    record = {"documents": seen, "kept": len(kept), "stride": stride, "bytes": total, "whole": stride == 1 and not cut}
+    return [k[1] for k in kept], record
+
+
+def _sample_fits_whole(task: TaskConfig, index: int, key: str, budget: int, cache: Path, samples: dict, log) -> bool:
+    """Whether task `index`'s training split is under the BPE sample bound (so its sample is all of it).
+
+    Learnt by reading the task once (`bpe_sample`, whose texts are kept in `samples` for the trainer)
+    and remembered in `<cache>/tokenizers/samples/` under the task's source key, validation fraction
+    and the bound, so a warm start reads no text."""
+    digest = hashlib.sha256(f"{key}|{task.val_fraction}|{budget}".encode()).hexdigest()[:20]
+    record_file = cache / "tokenizers" / "samples" / f"{digest}.json"
+    try:
+        return bool(json.loads(record_file.read_text())["whole"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    t0 = time.perf_counter()
+    samples[index], record = bpe_sample(_training_documents(task, index), budget)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(record_file, record)
+    took = ("all" if record["whole"] else "all, one or more cut to the bound") if record["stride"] == 1 else f"1 in {record['stride']}"
+    log(
+        f"tokenizer sample: {task.name}: {took} of {record['documents']:,} training documents, {record['bytes'] / 1e6:.1f} MB "
+        f"(tokenizer.sample_mb {budget / 1e6:g}; {time.perf_counter() - t0:.1f}s)"
+    )
+    return record["whole"]
+
+
+def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str], log=_log) -> TextTokenizer:
+    """`tokenizer.path`, else model.init's own tokenizer, else a byte-level BPE trained on a bounded sample
+    of the tasks' training splits (cached).
+
+    The sample: at most `tokenizer.sample_mb` of each task's training documents (`bpe_sample`; 0: all
+    of them), so the trainer's time and memory do not grow with the corpus. The BPE's cache key names
+    what it learns from: each task's source key and validation fraction, the vocabulary settings, and,
+    only for a task larger than the bound, the bound. A task under the bound is used whole and adds
+    nothing to the key, so a tokenizer of small tasks (the bundled handbook, ~1 MB a language) keeps
+    the key and fingerprint it had before the bound existed, and so do the token-cache entries made with it.
+    Cost: finding a task's sample reads its text once more (no tokenizing) and holds the sample, so
+    the trainer's input is at most `sample_mb` × tasks. A run started before the bound existed, on a
+    task over it, trained on everything: resuming it needs `tokenizer.sample_mb: 0` in its config.yaml.
+    """
+    given = _given_tokenizer(cfg)
+    if given is not None:
+        return given
+    tc = cfg.tokenizer
+    budget = int(tc.sample_mb * 1e6)
+    samples: dict[int, list[str]] = {}  # texts of the tasks read while finding the key
+    parts = []
+    for i, (key, t) in enumerate(zip(source_keys, cfg.tasks)):
+        whole = not budget or _sample_fits_whole(t, i, key, budget, cache, samples, log)
+        parts.append(f"{key}:{t.val_fraction}" + ("" if whole else f":sample={budget}B"))
+    settings = f"{'|'.join(parts)}|{tc.vocab_size}|{tc.min_frequency}"
     key = hashlib.sha256(settings.encode()).hexdigest()[:20]
 
     def texts():
-        for t in cfg.tasks:
-            yield from split_documents(iter_documents(t.path, t.format, t.text_field, documents=t.documents), t.val_fraction, "train")
+        # consumed only when the BPE is not cached yet; a task not read above (its record was cached) is read now
+        for i, t in enumerate(cfg.tasks):
+            if not budget:
+                yield from _training_documents(t, i)
+                continue
+            docs = samples.pop(i, None)
+            yield from docs if docs is not None else bpe_sample(_training_documents(t, i), budget)[0]
 
     t0 = time.perf_counter()
-    tok = train_or_load_bpe(key, texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cache)
+    tok = train_or_load_bpe(key, texts(), tc.vocab_size, tc.min_frequency, cache)
     log(f"tokenizer: byte-level BPE, vocab {tok.vocab_size} ({tok.source}, {time.perf_counter() - t0:.1f}s)")
     return tok
 
@@ -78,20 +183,188 @@ class Data:
     tokenizer: TextTokenizer
     tasks: list[TaskTokens]
     source_keys: list[str]  # each task's source content hash (run.json keeps them; a resume checks them)
+    marker: Path | None = None  # under torchrun: the readiness marker this rank wrote (local rank 0) or read
+    wrote_marker: bool = False
 
 
-def prepare_data(cfg: RunConfig, is_main: bool, log) -> Data:
-    """The tokenizer and every task's token files; rank 0 fills the cache first, the other ranks then read it."""
-    cache = cache_root(cfg.cache_dir)
-    if not is_main:
-        distributed.barrier()
+def settings_of(cfg: RunConfig, **changes) -> Settings:
+    """How `cpt train` spreads the tokenizing of a task not prepared yet (`prepare` section; never changes the tokens)."""
+    return Settings(workers=cfg.prepare.workers, shard_mb=cfg.prepare.shard_mb, progress=cfg.logging.progress, **changes)
+
+
+def _prepare(cfg: RunConfig, cache: Path, log, settings: Settings | None = None) -> Data:
+    """Hash the sources, load or train the tokenizer, tokenize every task into the cache (each step once, then cached)."""
     # hashes each file once; warm: a stat per file
-    keys = [source_key(t.path, t.format, t.text_field, cache, t.documents, f"tasks.{i}.path") for i, t in enumerate(cfg.tasks)]
-    tokenizer = load_or_train_tokenizer(cfg, cache, keys)
-    tasks = [prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i) for i, (key, t) in enumerate(zip(keys, cfg.tasks))]
-    if is_main:
-        distributed.barrier()
+    keys = [task_key(t, cache, i) for i, t in enumerate(cfg.tasks)]
+    tokenizer = load_or_train_tokenizer(cfg, cache, keys, log)
+    settings = settings or settings_of(cfg)
+    tasks = [
+        prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i, settings=settings)
+        for i, (key, t) in enumerate(zip(keys, cfg.tasks))
+    ]
     return Data(tokenizer, tasks, keys)
+
+
+def prepare_config(
+    cfg: RunConfig, settings: Settings, *, tokenizer_only: bool = False, require_tokenizer: bool = False, log=_log
+) -> list[str]:
+    """`cpt prepare`: the tokenizer and every task's cache entry (or, with `settings.world` > 1, this
+    machine's share of their shards); returns the lines of the manifest table it prints.
+
+    `require_tokenizer`: refuse to train a BPE here (the ranks of a many-machine preparation must all
+    use one tokenizer made before: `tokenizer.path` or model.init's; `cpt prepare --tokenizer-only` trains a BPE once and prints its path)."""
+    cache = cache_root(cfg.cache_dir)
+    keys = [task_key(t, cache, i) for i, t in enumerate(cfg.tasks)]
+    if require_tokenizer and not cfg.tokenizer.path and not cfg.model.init:
+        raise CptError(
+            "tokenizer.path: the machines of a shared preparation (--world > 1) must all tokenize with one tokenizer made "
+            "before; set tokenizer.path (`cpt prepare CONFIG --tokenizer-only` trains the BPE once and prints its path)"
+        )
+    tokenizer = load_or_train_tokenizer(cfg, cache, keys, log)
+    lines = [f"tokenizer: {tokenizer.source} (vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id}, fingerprint {tokenizer.fingerprint})"]
+    if tokenizer_only:
+        return lines
+    lines.append(f"{'task':<12} {'documents':>10} {'train tokens':>14} {'val tokens':>12} {'max id':>7} {'shards':>6}  entry")
+    for i, (key, t) in enumerate(zip(keys, cfg.tasks)):
+        task = prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i, settings=settings)
+        if task is None:
+            lines.append(f"{t.name:<12} share {settings.rank} of {settings.world} done; run `cpt prepare` once more (world 1) to finish")
+            continue
+        m = task.meta
+        shards = sum(len(p.meta.get("shards", [1])) for p in (task.parts or [task]))
+        top = max(m.get("max_train_id", -1), m.get("max_val_id", -1))
+        lines.append(
+            f"{t.name:<12} {m['documents']:>10,} {m['train_tokens']:>14,} {m['val_tokens']:>12,} {top:>7} {shards:>6}  "
+            + ", ".join(str(p.directory) for p in (task.parts or [task]))
+        )
+    return lines
+
+
+def launch_id() -> str:
+    """What names this launch on this node, the same for all its local ranks: torchrun's run id and
+    restart count (else MASTER_ADDR:MASTER_PORT), the attempt's log directory torchrun makes afresh for
+    every launch (from TORCHELASTIC_ERROR_FILE, when set) and the host."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        parts = [f"{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"]
+    else:
+        parts = [f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"]
+    if env.get("TORCHELASTIC_ERROR_FILE"):  # <log dir>/<run id>_<random>/attempt_<n>/<local rank>/error.json
+        parts.append(str(Path(env["TORCHELASTIC_ERROR_FILE"]).parent.parent))
+    parts.append(socket.gethostname())
+    return "|".join(parts)
+
+
+def ready_marker(cfg: RunConfig, cache: Path) -> Path:
+    """`<cache>/ready/<launch>-<hash>.json`: where local rank 0 says the data of this launch and config is prepared.
+
+    The hash covers the launch (`launch_id`) and the data-relevant config (tasks but their budgets,
+    tokenizer section, model.init), so two runs of one launch (a sweep) with other data never share one."""
+    data = {
+        "tasks": [t.model_dump(mode="json", exclude={"tokens"}) for t in cfg.tasks],
+        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+        "init": cfg.model.init,
+    }
+    launch = launch_id()
+    digest = hashlib.sha256(json.dumps([launch, data], sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", launch.split("|")[0])[:48]
+    return cache / "ready" / f"{name}-{digest}.json"
+
+
+def wait_for_marker(marker: Path, timeout_s: float, rank: int, log=_log, poll_s: float = 1.0, progress_s: float = 60.0) -> dict:
+    """Poll for `marker` (written whole by local rank 0, `cpt.atomic`) and return its record; no collective is involved.
+
+    A progress line every `progress_s`; a CptError naming the preparing rank and the marker after
+    `timeout_s` (`training.data_wait_s`), or at once when local rank 0 recorded a failure in it."""
+    t0 = time.monotonic()
+    next_line = t0 + progress_s
+    while True:
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            if record.get("error"):
+                raise CptError(f"rank {rank}: local rank 0 of this node could not prepare the data: {record['error']}")
+            return record
+        waited = time.monotonic() - t0
+        if waited >= timeout_s:
+            raise CptError(
+                f"rank {rank}: waited {waited:.0f}s (training.data_wait_s) for local rank 0 of this node ({socket.gethostname()}) "
+                f"to prepare the data, but its readiness marker {marker} did not appear; check that rank's log, "
+                "or raise training.data_wait_s when tokenizing takes longer"
+            )
+        if time.monotonic() >= next_line:
+            log(f"rank {rank}: waiting for local rank 0 to prepare the data ({waited / 60:.0f} min; marker {marker})")
+            next_line += progress_s
+        time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
+
+
+def _open_prepared(cfg: RunConfig, cache: Path, record: dict, log) -> Data:
+    """The data local rank 0 prepared, from its marker: the tokenizer loaded, each cache entry opened (no hashing, no tokenizing)."""
+    keys, recorded = record["source_keys"], record["tokenizer"]
+    if len(keys) != len(cfg.tasks):
+        raise CptError(f"the readiness marker names {len(keys)} task(s), the config {len(cfg.tasks)}; another config wrote it")
+    tokenizer = _given_tokenizer(cfg) or load_tokenizer(recorded["source"])
+    if (tokenizer.fingerprint, tokenizer.eos_id) != (recorded["fingerprint"], recorded["eos_id"]):
+        raise CptError(f"tokenizer: {tokenizer.source} is not the tokenizer local rank 0 prepared the data with (it changed meanwhile)")
+    tasks = [prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i) for i, (key, t) in enumerate(zip(keys, cfg.tasks))]
+    return Data(tokenizer, tasks, list(keys))
+
+
+def prepare_data(cfg: RunConfig, log, rank: int = 0, world: int = 1, local_rank: int = 0) -> Data:
+    """The tokenizer and every task's token files, before the process group forms (so in no collective).
+
+    One process: prepared here. Under torchrun, local rank 0 of each node prepares (hashes, trains or
+    loads the tokenizer, tokenizes: hours at scale) and then writes the readiness marker
+    (`ready_marker`) with the source keys and the tokenizer; the node's other ranks poll for it for up
+    to `training.data_wait_s` (`wait_for_marker`), then load the tokenizer and open the entries. A
+    failure is written into the marker too (torchrun stops the other ranks anyway). `agree_on_data`,
+    once the group has formed, checks that all ranks hold the same data and removes the marker.
+    """
+    cache = cache_root(cfg.cache_dir)
+    if world <= 1:
+        return _prepare(cfg, cache, log)
+    marker = ready_marker(cfg, cache)
+    if local_rank != 0:
+        progress = _log if local_rank == 1 else (lambda msg: None)  # one waiting line per node
+        data = _open_prepared(cfg, cache, wait_for_marker(marker, cfg.training.data_wait_s, rank, progress), log)
+        data.marker = marker
+        return data
+    marker.unlink(missing_ok=True)  # a stale marker of an earlier launch of the same name
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    stamp = {"cpt": 1, "launch": launch_id(), "rank": rank, "pid": os.getpid(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        data = _prepare(cfg, cache, log)
+    except Exception as err:
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            atomic.write_json(marker, {**stamp, "error": str(err) if isinstance(err, CptError) else f"{type(err).__name__}: {err}"})
+        raise
+    tok = data.tokenizer
+    record = {
+        **stamp,
+        "source_keys": data.source_keys,
+        "tokenizer": {"source": tok.source, "fingerprint": tok.fingerprint, "eos_id": tok.eos_id},
+        "entries": [str(t.directory) for t in data.tasks],
+    }
+    atomic.write_json(marker, record, indent=1)
+    data.marker, data.wrote_marker = marker, True
+    return data
+
+
+def agree_on_data(data: Data) -> None:
+    """Once the process group has formed: every rank must hold rank 0's source keys and tokenizer (one
+    small all-gather; a stale or foreign marker cannot go unnoticed); then local rank 0 removes its marker,
+    which every rank of its node has read by now. A no-op in one process."""
+    views = distributed.gather_to_all([data.source_keys, data.tokenizer.fingerprint])
+    if data.wrote_marker and data.marker is not None:
+        data.marker.unlink(missing_ok=True)
+    for r, view in enumerate(views):
+        if view != views[0]:
+            raise CptError(
+                f"rank {r} prepared other data than rank 0 (source keys or tokenizer differ); every node must see the same "
+                f"task files and tokenizer{f' (readiness marker {data.marker})' if data.marker else ''}"
+            )
 
 
 # ------------------------------------------------------------------ model
@@ -120,7 +393,7 @@ def model_and_parallel(
 def streams_for(cfg: RunConfig, tasks: list[TaskTokens], rank: int, world: int) -> tuple[list, list[str], list[int]]:
     """(one stream per row of the loss matrix, the rows' names, their budgets of new tokens)."""
     tr = cfg.training
-    streams = [TaskStream(t.train, tr.seq_len, cfg.seed, i, rank, world, t.name) for i, t in enumerate(tasks)]
+    streams = [_stream(t, tr.seq_len, cfg.seed, i, rank, world) for i, t in enumerate(tasks)]
     for s in streams:
         if s.windows_per_epoch < tr.batch_size:
             raise CptError(
@@ -131,6 +404,15 @@ def streams_for(cfg: RunConfig, tasks: list[TaskTokens], rank: int, world: int) 
     if tr.strategy == "joint":
         return [JointStream(streams, [t.tokens for t in cfg.tasks], cfg.seed, rank)], ["joint"], [sum(t.tokens for t in cfg.tasks)]
     return streams, [t.name for t in cfg.tasks], [t.tokens for t in cfg.tasks]
+
+
+def _stream(task: TaskTokens, seq_len: int, seed: int, index: int, rank: int, world: int):
+    """A task's training stream; a task of weighted sources draws from one stream per source (exact shares)."""
+    if not task.parts:
+        return TaskStream(task.train, seq_len, seed, index, rank, world, task.name)
+    # each source's own order: ids that no single-corpus task (0, 1, …) takes
+    parts = [TaskStream(p.train, seq_len, seed, 1000 * (index + 1) + j, rank, world, p.name) for j, p in enumerate(task.parts)]
+    return MixtureStream(parts, task.weights, task.name)
 
 
 def plan_for(cfg: RunConfig, budgets: list[int], world: int, replay_task_offset: int) -> StepPlan:
@@ -149,31 +431,51 @@ def plan_for(cfg: RunConfig, budgets: list[int], world: int, replay_task_offset:
 
 # ------------------------------------------------------------------ replay
 def buffer_for(
-    cfg: RunConfig, out: Path, run_id: str | None, rank: int, world: int, vocab_size: int, resume: bool, log
+    cfg: RunConfig,
+    out: Path,
+    run_id: str | None,
+    rank: int,
+    world: int,
+    vocab_size: int,
+    resume: bool,
+    log,
+    tasks: list[TaskTokens] | None = None,
 ) -> tuple[ReplayBuffer | None, ReplayPrefetcher | None]:
     """This rank's buffer shard: reopened on resume; else made empty (or copied from replay.buffer.init).
 
     `cpt.training.loop.train` has checked (ownership.check_buffers) that a shard found here may be cleared.
+    `tasks`: the run's prepared tasks; with `replay.buffer.store: refs` the buffer resolves a stored
+    (task id, offset) in task id's training split (ids are this run's task indices: refs refuse
+    `init`, so no earlier run's ids come first).
     """
     if cfg.replay.rate <= 0:
         return None, None
     bc = cfg.replay.buffer
+    ownership.check_store(cfg)
     directory = ownership.buffer_dir(cfg, out)
     row_len = cfg.training.seq_len + 1
     owner = ownership.owner_record(run_id, out, cfg) if run_id else None
+    resolver = None
+    if bc.store == "refs":
+        if tasks is None:
+            raise CptError("replay.buffer.store: refs needs the run's tasks to resolve rows (buffer_for(..., tasks=...))")
+        resolver = {i: t.train for i, t in enumerate(tasks)}
     if resume:
-        buffer = ReplayBuffer.open(directory, rank)
+        buffer = ReplayBuffer.open(directory, rank, store=bc.store, resolver=resolver)
         if buffer.row_len != row_len:
             raise CptError(f"{directory}: buffer rows hold {buffer.row_len} tokens but training.seq_len + 1 = {row_len}")
     else:
         remove_shard(directory, rank)  # a stale shard of this run directory (never another run's)
         if bc.init:
             copy_shard(Path(bc.init), directory, rank)
-            buffer = ReplayBuffer.open(directory, rank)
+            buffer = ReplayBuffer.open(directory, rank, store="rows")
             log(f"replay: copied {buffer.fill} sequence(s) per shard from {bc.init} (replay.buffer.init)")
         else:
             capacity = ownership.shard_capacity(ownership.global_capacity_rows(cfg), world, rank)
-            buffer = ReplayBuffer(directory, row_len, capacity, bc.policy, token_dtype(vocab_size), cfg.seed, rank, owner=owner)
+            dtype = token_dtype(vocab_size)
+            buffer = ReplayBuffer(
+                directory, row_len, capacity, bc.policy, dtype, cfg.seed, rank, owner=owner, store=bc.store, resolver=resolver
+            )
         if owner is not None:
             buffer.set_owner(owner)
     prefetcher = ReplayPrefetcher(buffer) if cfg.replay.prefetch else None  # it attaches itself to the buffer

@@ -14,6 +14,7 @@ With one process (no `WORLD_SIZE`), the collective functions here are no-ops.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,17 @@ def world_info() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init(device_type: str) -> None:
+def init(device_type: str, timeout_s: float | None = None) -> None:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a no-op in one process.
+
+    `timeout_s` (`training.dist_timeout_s`) bounds every collective of the run — a gradient all-reduce,
+    an evaluation's loss sums, a checkpoint barrier: a rank that waits longer for the slowest one fails
+    instead of hanging. The run prepares its data before calling this (`build.prepare_data`), so
+    tokenizing, however long, never counts against it. None: torch's default (NCCL 10 min, gloo 30 min).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **timeout)
 
 
 def active() -> bool:
@@ -42,6 +51,7 @@ def active() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank (bounded by the process group's timeout, `init`); a no-op in one process."""
     if active():
         dist.barrier()
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from cpt import atomic, evaluate
 from cpt.config import TrainingConfig
+from cpt.data.mixture import share
 from cpt.data.tokenizer import cache_root, load_tokenizer
 from cpt.data.tokens import TaskTokens, prepare_for
 from cpt.errors import CptError
@@ -31,7 +34,7 @@ class Evaluator:
 
     def __init__(self, tasks: list[TaskTokens], tr: TrainingConfig, parallel: OneProcess, eos_id: int, rank: int, world: int, log):
         self.names = [t.name for t in tasks]
-        self.sets = [evaluate.eval_windows(t.val, tr.seq_len, tr.eval_tokens) for t in tasks]
+        self.sets = [windows_for(t, tr.seq_len, tr.eval_tokens) for t in tasks]
         self.coverage = [_coverage(t, tr.seq_len, tr.eval_tokens, eos_id) for t in tasks]
         for name, c in zip(self.names, self.coverage):
             log(f"held-out {name}: {evaluate.describe_coverage(c)}")
@@ -64,9 +67,36 @@ class Evaluator:
         return dict(zip(self.names, self.coverage))
 
 
+def windows_for(task: TaskTokens, seq_len: int, eval_tokens: int) -> np.ndarray:
+    """A task's fixed held-out windows; a task of weighted sources: each source's windows for its share of
+    `eval_tokens` (`cpt.data.mixture.share`), concatenated, so the mean loss is the mixture's."""
+    if not task.parts:
+        return evaluate.eval_windows(task.val, seq_len, eval_tokens)
+    shares = share(eval_tokens, task.weights)
+    sets = [evaluate.eval_windows(p.val, seq_len, max(n, seq_len)) for p, n in zip(task.parts, shares)]
+    width = min(w.shape[1] for w in sets)  # a source shorter than one window gives a shorter one
+    return np.concatenate([w[:, :width] for w in sets])
+
+
 def _coverage(task: TaskTokens, seq_len: int, eval_tokens: int, eos_id: int) -> dict:
     """What the held-out set covers, computed once per token-cache entry and setting: it counts EOS over
-    the whole validation split, which a warm start (and every rank) must not repeat."""
+    the whole validation split, which a warm start (and every rank) must not repeat. A task of sources:
+    the sums over its sources (each for its share), positions from the first to the last."""
+    if task.parts:
+        parts = [_coverage(p, seq_len, n, eos_id) for p, n in zip(task.parts, share(eval_tokens, task.weights))]
+        total = {
+            k: sum(c[k] for c in parts) for k in ("documents", "tokens", "windows", "windows_available", "eval_tokens", "documents_touched")
+        }
+        total["token_fraction"] = total["eval_tokens"] / max(total["tokens"], 1)
+        total["document_fraction"] = total["documents_touched"] / max(total["documents"], 1)
+        total.update(
+            span_first=parts[0]["span_first"],
+            span_last=parts[-1]["span_last"],
+            span_start=min(c["span_start"] for c in parts),
+            span_end=max(c["span_end"] for c in parts),
+            sources=parts,
+        )
+        return total
     file = task.directory / f"heldout-{seq_len}-{eval_tokens}-{eos_id}.json"
     try:
         return json.loads(file.read_text())
@@ -93,7 +123,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str = "final") -> dict[
     out = {}
     for t in cfg.tasks:
         task = prepare_for(t, tok, cache)
-        windows = evaluate.eval_windows(task.val, cfg.training.seq_len, cfg.training.eval_tokens)
+        windows = windows_for(task, cfg.training.seq_len, cfg.training.eval_tokens)
         total, count = evaluate.heldout_loss(model, windows, cfg.training.eval_batch_size, device, autocast_dtype)
         out[t.name] = total / max(count, 1)
     return out

@@ -89,7 +89,7 @@ def _check_same_data(run: Run, marker: dict, out: Path) -> None:
     for i, (t, key) in enumerate(zip(run.cfg.tasks, run.source_keys)):
         if t.name in sources and sources[t.name] != key:
             raise CptError(
-                f"tasks.{i} ({t.name}): {t.path} changed since {out} started (its content hash differs); restore the original data or start a new run"
+                f"tasks.{i} ({t.name}): {t.path or [src.path for src in t.sources]} changed since {out} started (its content hash differs); restore the original data or start a new run"
             )
     if marker.get("tokenizer") and marker["tokenizer"] != run.tokenizer.fingerprint:
         raise CptError(f"tokenizer: {run.tokenizer.source} is not the tokenizer {out} started with; restore it or start a new run")

@@ -51,11 +51,13 @@ class Run:
         self.is_main = self.rank == 0
         self.log = log = log if self.is_main else (lambda msg: None)
         self.device, self.autocast_dtype = resolve_device(cfg, local_rank, self.world)
-        distributed.init(self.device.type)
         if self.device.type == "cpu":
             configure_cpu()
         torch.manual_seed(cfg.seed)
-        data = build.prepare_data(cfg, self.is_main, log)
+        # the data first, before the process group forms: tokenizing (hours at scale) never waits in a collective
+        data = build.prepare_data(cfg, log, self.rank, self.world, local_rank)
+        distributed.init(self.device.type, cfg.training.dist_timeout_s)
+        build.agree_on_data(data)
         self.tokenizer, self.tasks, self.source_keys = data.tokenizer, data.tasks, data.source_keys
         self.model, self.parallel = build.model_and_parallel(cfg, data, self.device, self.autocast_dtype, self.world, log)
         self.n_params, self.shape = count_parameters(self.model), flops.shape_of(self.model)
@@ -74,7 +76,7 @@ class Run:
         """The buffer lives in the run directory, so the batch source and the hooks are made once it is prepared."""
         cfg = self.cfg
         self.buffer, self.prefetcher = build.buffer_for(
-            cfg, self.out, self.run_id, self.rank, self.world, self.tokenizer.vocab_size, self.resume, self.log
+            cfg, self.out, self.run_id, self.rank, self.world, self.tokenizer.vocab_size, self.resume, self.log, self.tasks
         )
         self.source = build.source_for(cfg, self.streams, self.plan, self.buffer, self.prefetcher, self.replay_task_offset)
         self.probe = build.probe_for(
