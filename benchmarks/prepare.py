@@ -10,11 +10,14 @@ cpt/corpus/handbook/tokenizer.json.
 
     python benchmarks/prepare.py                        # 25 and 75 MB, txt and jsonl (~2-3 min on 2 cores)
     python benchmarks/prepare.py --sizes 100,300        # the figures quoted for issue "data at scale"
+    python benchmarks/prepare.py --sizes 1000,5000 --formats jsonl --workers 1,2 --encode   # the scale check
     python benchmarks/prepare.py --code /tmp/old        # measure another checkout (e.g. a `git archive` of HEAD)
 
 Cold: `source_key` + `prepare_task` into an empty cache. Warm: a new process runs `source_key`
 (with the cache when the code has the fingerprint cache) + `prepare_task` + `check_token_range`
-on the filled cache, which is what a second run of the same config does before training.
+on the filled cache, then cuts the first training batch (8 rows of 2049 tokens): what a second run of
+the same config does before training. `worker RSS` is the largest worker process (`--workers` > 1).
+`vs raw`: raw encode_batch time / cold prepare time (`--encode`).
 """
 
 from __future__ import annotations
@@ -39,9 +42,20 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from cpt.data.tokenizer import load_tokenizer
 from cpt.data.tokens import check_token_range, prepare_task, source_key
-mode, src, cache, fmt = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+mode, src, cache, fmt, workers = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5], int(sys.argv[7])
 out = {}
-if mode != "baseline":
+if mode == "encode":  # the per-core limit: raw `tokenizers` encode_batch over the same documents, nothing written
+    from cpt.data.readers import iter_documents
+    tok = load_tokenizer(sys.argv[6]).tokenizer
+    t0, batch, nbytes = time.perf_counter(), [], 0
+    for doc in iter_documents(src, fmt):
+        batch.append(doc)
+        if len(batch) == 512:
+            tok.encode_batch(batch, add_special_tokens=False)
+            batch = []
+    tok.encode_batch(batch, add_special_tokens=False)
+    out["encode_s"] = time.perf_counter() - t0
+elif mode != "baseline":
     tok = load_tokenizer(sys.argv[6])
     # a checkout from before the fingerprint cache has no `cache` parameter: it re-hashes every byte
     kw = {"cache": cache} if "cache" in inspect.signature(source_key).parameters else {}
@@ -49,14 +63,22 @@ if mode != "baseline":
     key = source_key(src, fmt, "text", **kw)
     out["hash_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    task = prepare_task("bench", src, tok, cache, fmt=fmt, log=lambda m: None, key_of_source=key)
+    extra = {}
+    if "settings" in inspect.signature(prepare_task).parameters:
+        from cpt.data.prepare import Settings
+        extra["settings"] = Settings(workers=workers, progress=False)
+    task = prepare_task("bench", src, tok, cache, fmt=fmt, log=lambda m: None, key_of_source=key, **extra)
     out["prepare_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     check_token_range(task, tok.vocab_size)
     out["check_s"] = time.perf_counter() - t2
+    from cpt.data.streams import TaskStream
+    TaskStream(task.train, 2048, 0, 0).next_rows(8)  # the first training batch: 8 rows of 2048 + 1 tokens
     out["total_s"] = time.perf_counter() - t0
     out["tokens"] = int(task.meta["train_tokens"] + task.meta["val_tokens"])
+    out["shards"] = len(task.meta.get("shards", [1]))
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["children_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(out))
 """
 
@@ -87,10 +109,10 @@ def make_source(path: Path, fmt: str, size_mb: float, docs: list[str]) -> int:
     return path.stat().st_size
 
 
-def _child(code: Path, mode: str, src: Path, cache: Path, fmt: str, tokenizer: Path) -> dict:
+def _child(code: Path, mode: str, src: Path, cache: Path, fmt: str, tokenizer: Path, workers: int = 1) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(code), mode, str(src), str(cache), fmt, str(tokenizer)],
+        [sys.executable, "-c", _CHILD, str(code), mode, str(src), str(cache), fmt, str(tokenizer), str(workers)],
         capture_output=True,
         text=True,
         env=env,
@@ -104,35 +126,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="25,75", help="file sizes in MB, comma-separated (default 25,75)")
     ap.add_argument("--formats", default="txt,jsonl", help="txt, jsonl or both (default both)")
+    ap.add_argument("--workers", default="1", help="worker processes for the cold prepare, comma-separated (e.g. 1,2)")
+    ap.add_argument("--encode", action="store_true", help="also time raw tokenizers encode_batch on each file (the per-core limit)")
     ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose cpt package is measured (default this one)")
     ap.add_argument("--tokenizer", type=Path, default=HANDBOOK / "tokenizer.json")
     ap.add_argument("--workdir", type=Path, default=None, help="where the generated files go (default a temp dir, deleted after)")
     args = ap.parse_args()
     sizes = [float(s) for s in args.sizes.split(",") if s]
     formats = [f for f in args.formats.split(",") if f]
+    workers = [int(w) for w in args.workers.split(",") if w]
 
     work = Path(tempfile.mkdtemp(prefix="cpt-prepare-", dir=args.workdir))
     try:
         base = _child(args.code, "baseline", work, work, "txt", args.tokenizer)
         print(f"code: {args.code}   tokenizer: {args.tokenizer.name}   baseline (import only): {base['peak_rss_mb']:.0f} MB RSS")
-        print(f"{'format':>6} {'size MB':>8} {'cold s':>7} {'MB/s':>6} {'cold RSS MB':>11} {'warm s':>7} {'warm RSS MB':>11}  warm split")
+        print(
+            f"{'format':>6} {'size MB':>8} {'workers':>7} {'shards':>6} {'cold s':>7} {'MB/s':>6} {'vs raw':>6} {'cold RSS MB':>11} "
+            f"{'worker RSS':>10} {'warm s':>7} {'warm RSS MB':>11}  warm split"
+        )
         docs = _handbook_docs()
         for fmt in formats:
             for size in sizes:
                 src = work / f"src-{size:g}.{fmt}"
                 nbytes = make_source(src, fmt, size, docs)
-                cache = work / f"cache-{fmt}-{size:g}"
-                cold = _child(args.code, "run", src, cache, fmt, args.tokenizer)
-                warm = _child(args.code, "run", src, cache, fmt, args.tokenizer)
-                mbs = nbytes / 1e6 / max(cold["prepare_s"], 1e-9)
-                split = f"hash {warm['hash_s']:.2f}s, open {warm['prepare_s']:.2f}s, range check {warm['check_s']:.2f}s"
-                print(
-                    f"{fmt:>6} {nbytes / 1e6:>8.0f} {cold['total_s']:>7.1f} {mbs:>6.1f} {cold['peak_rss_mb']:>11.0f} "
-                    f"{warm['total_s']:>7.2f} {warm['peak_rss_mb']:>11.0f}  {split}",
-                    flush=True,
-                )
+                raw = _child(args.code, "encode", src, work, fmt, args.tokenizer)["encode_s"] if args.encode else None
+                for w in workers:
+                    cache = work / f"cache-{fmt}-{size:g}-{w}"
+                    cold = _child(args.code, "run", src, cache, fmt, args.tokenizer, w)
+                    warm = _child(args.code, "run", src, cache, fmt, args.tokenizer, w)
+                    mbs = nbytes / 1e6 / max(cold["prepare_s"], 1e-9)
+                    vs = f"{raw / cold['prepare_s']:.0%}" if raw else "-"
+                    split = f"hash {warm['hash_s']:.2f}s, open {warm['prepare_s']:.2f}s, range check {warm['check_s']:.2f}s, first batch"
+                    print(
+                        f"{fmt:>6} {nbytes / 1e6:>8.0f} {w:>7} {cold.get('shards', 1):>6} {cold['total_s']:>7.1f} {mbs:>6.1f} {vs:>6} "
+                        f"{cold['peak_rss_mb']:>11.0f} {cold['children_rss_mb']:>10.0f} {warm['total_s']:>7.2f} {warm['peak_rss_mb']:>11.0f}  {split}",
+                        flush=True,
+                    )
+                    shutil.rmtree(cache)
+                if raw:
+                    print(f"{'':>6} raw encode_batch: {nbytes / 1e6 / raw:.1f} MB/s ({raw:.1f}s)", flush=True)
                 src.unlink()
-                shutil.rmtree(cache)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pytest
 import torch.distributed as dist
-import yaml
 
 from cpt import atomic
 from cpt.config import TokenizerConfig, TrainingConfig, validate
@@ -28,6 +27,7 @@ from cpt.data.tokens import source_key, split_documents
 from cpt.errors import CptError
 from cpt.training import build
 from tests.conftest import ROOT, tiny_config
+from tests.test_distributed import _config
 
 
 # ------------------------------------------------------------------ waiting on the marker
@@ -108,8 +108,8 @@ def test_in_process_only_local_rank_0_hashes_and_tokenizes(small_texts, tmp_path
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"inproc-{time.time_ns()}")
     cfg = validate(tiny_config(small_texts, cache_dir=str(tmp_path / "cache")))
     hashed: list[str] = []
-    real_key = build.source_key
-    monkeypatch.setattr(build, "source_key", lambda *a, **k: hashed.append(threading.current_thread().name) or real_key(*a, **k))
+    real_key = build.task_key
+    monkeypatch.setattr(build, "task_key", lambda *a, **k: hashed.append(threading.current_thread().name) or real_key(*a, **k))
     got: dict = {}
     waiter = threading.Thread(
         target=lambda: got.setdefault("data", build.prepare_data(cfg, lambda m: None, rank=1, world=2, local_rank=1)), name="rank1"
@@ -200,10 +200,10 @@ def note(**kw):
     with open(os.path.join(out, f"{os.getpid()}.jsonl"), "a") as fh:
         fh.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), **kw}) + "\\n")
 
-real_key, real_bpe, real_prepare = b.source_key, b.train_or_load_bpe, b.prepare_for
+real_key, real_bpe, real_prepare = b.task_key, b.train_or_load_bpe, b.prepare_for
 
-def source_key(*a, **k):
-    note(fn="source_key")
+def task_key(*a, **k):
+    note(fn="task_key")
     return real_key(*a, **k)
 
 def train_or_load_bpe(*a, **k):
@@ -217,24 +217,14 @@ def prepare_for(task, tok, cache, **k):
     note(fn="prepare_for", task=task.name, created=t.directory.name not in before)
     return t
 
-b.source_key, b.train_or_load_bpe, b.prepare_for = source_key, train_or_load_bpe, prepare_for
+b.task_key, b.train_or_load_bpe, b.prepare_for = task_key, train_or_load_bpe, prepare_for
 from cpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def _ranks_config(small_texts, tmp_path, batch_size, cache):
-    cfg = tiny_config(
-        small_texts,
-        cache_dir=str(cache),
-        training={"batch_size": batch_size},
-        replay={"rate": 0.25},
-        alignment={"method": "reptile", "k": 5, "beta": 0.7},
-        checkpoint={"task_ends": False},
-    )
-    path = tmp_path / f"b{batch_size}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return _config(small_texts, tmp_path, batch_size, cache_dir=str(cache))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
@@ -257,7 +247,7 @@ def test_two_ranks_prepare_the_data_once_and_train_as_one_process(small_texts, t
     records = [json.loads(line) for f in calls.glob("*.jsonl") for line in f.read_text().splitlines()]
     by_rank = {r: [c for c in records if c["rank"] == r] for r in (0, 1)}
     assert len({f.name for f in calls.glob("*.jsonl")}) == 2  # two processes took part
-    assert {c["fn"] for c in by_rank[0]} == {"source_key", "train_or_load_bpe", "prepare_for"}
+    assert {c["fn"] for c in by_rank[0]} == {"task_key", "train_or_load_bpe", "prepare_for"}
     assert {c["fn"] for c in by_rank[1]} == {"prepare_for"}  # no hashing, no tokenizer training
     assert sorted(c["task"] for c in by_rank[0] if c["fn"] == "prepare_for" and c["created"]) == ["en", "fr"]
     assert not any(c["created"] for c in by_rank[1])  # rank 1 only opened the entries

@@ -17,9 +17,10 @@ from tests.conftest import tiny_config
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
 
-def _config(small_texts, tmp_path, batch_size):
+def _config(small_texts, tmp_path, batch_size, **sections):
     cfg = tiny_config(
         small_texts,
+        **sections,
         training={"batch_size": batch_size},
         replay={"rate": 0.25},
         alignment={"method": "reptile", "k": 5, "beta": 0.7},

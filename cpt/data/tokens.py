@@ -271,43 +271,35 @@ def prepare_for(
     """`prepare_task` for one configured task (`tasks.<index>` of a run config, named so in errors); a task of
     `sources` prepares each source and returns their mixture (None for a `settings.world` > 1 share)."""
     extra = {"log": log} if log is not None else {}
-    label = f"tasks.{index}" if index is not None else None
-    if task.sources is None:
+    label = f"tasks.{index}" if index is not None else "tasks.N"
+
+    def one(part: TaskConfig, where: str | None, key: str | None) -> TaskTokens | None:
         return prepare_task(
-            task.name,
-            task.path,
+            part.name,
+            part.path,
             tok,
             cache,
-            fmt=task.format,
-            text_field=task.text_field,
-            val_fraction=task.val_fraction,
-            key_of_source=key_of_source,
-            documents=task.documents,
-            where=f"{label} ({task.name})" if label else None,
-            dtype=task.dtype,
+            fmt=part.format,
+            text_field=part.text_field,
+            val_fraction=part.val_fraction,
+            key_of_source=key,
+            documents=part.documents,
+            where=where,
+            dtype=part.dtype,
             settings=settings,
             **extra,
         )
-    parts = []
-    for i, part in enumerate(task.parts()):
-        where = f"{label or 'tasks.N'}.sources.{i} ({task.name})"
-        parts.append(
-            prepare_task(
-                part.name,
-                part.path,
-                tok,
-                cache,
-                fmt=part.format,
-                text_field=part.text_field,
-                val_fraction=part.val_fraction,
-                documents=part.documents,
-                where=where,
-                dtype=part.dtype,
-                settings=settings,
-                key_of_source=source_key(part.path, part.format, part.text_field, cache, part.documents, f"{where.split(' ')[0]}.path"),
-                **extra,
-            )
+
+    if task.sources is None:
+        return one(task, f"{label} ({task.name})" if index is not None else None, key_of_source)
+    parts = [
+        one(
+            part,
+            f"{label}.sources.{i} ({task.name})",
+            source_key(part.path, part.format, part.text_field, cache, part.documents, f"{label}.sources.{i}.path"),
         )
+        for i, part in enumerate(task.parts())
+    ]
     if any(p is None for p in parts):
         return None
     meta = {
