@@ -254,8 +254,10 @@ def _encoder(tok):
 
 
 def resolve_workers(workers: int | str | None, todo: int) -> int:
+    """Processes for `todo` shards. `auto`: one per core, but at least two shards per worker — a worker gets its
+    share of the cores, so with fewer shards the cores would idle (measured: benchmarks/prepare.py, README)."""
     if workers in (None, "auto", 0):
-        workers = os.cpu_count() or 1
+        return max(1, min(os.cpu_count() or 1, todo // 2))
     return max(1, min(int(workers), todo))
 
 
