@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("config", help="run YAML")
     pr.add_argument("overrides", nargs="*", help="dotted overrides, as for cpt train")
-    pr.add_argument("--workers", default=None, help="tokenizing processes (default: prepare.workers; `auto` = one per core, at least two shards each)")
+    pr.add_argument(
+        "--workers", default=None, help="tokenizing processes (default: prepare.workers; `auto` = one per core, at least two shards each)"
+    )
     pr.add_argument("--shard-mb", type=float, default=None, help="source MB per shard (default: prepare.shard_mb)")
     pr.add_argument("--rank", type=int, default=0, help="with --world: tokenize only this share of the shards (one machine of many)")
     pr.add_argument("--world", type=int, default=1, help="number of machines sharing the work (see docs/distributed.md)")

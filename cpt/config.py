@@ -161,7 +161,8 @@ class TaskConfig(Section):
 
 class PrepareConfig(Section):
     workers: Count | Literal["auto"] = Field(
-        "auto", description="Processes that tokenize a task's shards in parallel (`auto`: one per core, with at least two shards per worker)."
+        "auto",
+        description="Processes that tokenize a task's shards in parallel (`auto`: one per core, with at least two shards per worker).",
     )
     shard_mb: Real = Field(
         256.0,
