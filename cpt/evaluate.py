@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cpt.training.device import precision
-from cpt.training.loss import token_cross_entropy
+from cpt.training.loss import causal_lm_loss_sum
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -184,24 +184,31 @@ def heldout_loss(
 ) -> tuple[float, int]:
     """(sum of token losses, token count) over the windows; the caller divides (and all-reduces).
 
+    Each batch's loss is `causal_lm_loss_sum`: the lm_head and the cross-entropy run in chunks of
+    rows, so no [batch × seq_len, vocab] logits are ever held (models it does not support take the
+    full-logits path). The batch sums are added on the device in float64 (what adding Python floats
+    did) and read once at the end, not once per batch.
+
     `min_batches`: run at least this many forward passes, the extra ones on `pad` and not counted
     (under FSDP2 every rank must take part in every forward).
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     n_batches = math.ceil(len(windows) / batch_size)
-    with precision(device, autocast_dtype):
-        for _ in range(n_batches, min_batches):
-            model(input_ids=torch.from_numpy(pad[:, :-1]).to(device))
+    if n_batches < min_batches:
+        padded = torch.from_numpy(pad).to(device)
+        with precision(device, autocast_dtype):
+            for _ in range(n_batches, min_batches):
+                causal_lm_loss_sum(model, padded[:, :-1], padded[:, 1:])
     for start in range(0, len(windows), batch_size):
         rows = torch.from_numpy(windows[start : start + batch_size]).to(device)
         with precision(device, autocast_dtype):
-            logits = model(input_ids=rows[:, :-1]).logits
-        loss = token_cross_entropy(logits, rows[:, 1:], reduction="sum")
-        total += float(loss)
+            loss = causal_lm_loss_sum(model, rows[:, :-1], rows[:, 1:])
+        total += loss.double()
         count += rows[:, 1:].numel()
     model.train(was_training)
+    total = total.item()
     if not math.isfinite(total):
         return float("nan"), count
     return total, count

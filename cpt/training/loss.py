@@ -1,8 +1,8 @@
-"""The one next-token loss of cpt: plain, and fused + chunked for training.
+"""The one next-token loss of cpt: plain, fused + chunked for training, chunked for evaluation.
 
 - `token_cross_entropy(logits, targets, reduction)`: cross-entropy of [.., V] logits (cast to fp32)
-  against next-token targets; evaluation (`reduction="sum"`), the gradient probe and the plain
-  training path all use it.
+  against next-token targets; the gradient probe, the plain training path and the evaluation of
+  models the chunked paths do not take use it.
 - `causal_lm_loss`: the training loss from the hidden states with the lm_head matmul and the
   cross-entropy fused and chunked over tokens. The plain path materialises the [tokens, vocab]
   logits, keeps them and their log-softmax for the backward (2 × 64 MiB at 2048 tokens × 8192
@@ -11,6 +11,12 @@
   matmuls run right away, so nothing of size [tokens, vocab] outlives a chunk. Same mean loss
   and gradients as the plain path to float rounding.
 - `NextTokenLoss`: that loss as a module, which is what DDP wraps (cpt.training.parallel).
+- `causal_lm_loss_sum`: the evaluation loss (a sum, no gradients) with the lm_head + cross-entropy
+  in chunks of rows, so held-out evaluation never holds [batch × seq_len, vocab] logits either
+  (16 × 2048 × 128k fp32 would be 17 GB); it runs the whole model, so it also works on an
+  FSDP2-sharded one.
+- `chunk_rows(device, vocab)`: rows per chunk for both: 256 on CPU (measured, docs/throughput.md),
+  on CUDA as many as make a chunk's fp32 logits ~256 MiB (8192 rows at an 8k vocabulary).
 
 Measured on the demo model (4 × 256, vocab 8192, 8 × 256 tokens per step, 2 threads), steady
 state vs the loop's plain step: fused loss +5.6 %, + fused AdamW (cpt.training.optim) +7.7 %,
@@ -25,6 +31,21 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
 DEFAULT_CHUNK = 256
+CUDA_CHUNK_BYTES = 256 << 20
+
+
+def chunk_rows(device: torch.device, vocab: int) -> int:
+    """Rows per chunk of the chunked lm_head + cross-entropy on `device` for a `vocab`-wide head.
+
+    CPU: `DEFAULT_CHUNK` (256), the fastest of 128–1024 on the 2-core benchmark machine, where a
+    chunk's logits should stay in cache. CUDA: a chunk's fp32 logits take ~`CUDA_CHUNK_BYTES`
+    (256 MiB; rows rounded down to a multiple of 64, at least 256): large matmuls keep the GPU busy
+    and the loop over chunks short (8192 rows at vocab 8192, 512 at 128k), while a chunk's logits,
+    their softmax and gradient stay a few hundred MB next to a model's tens of GB.
+    """
+    if torch.device(device).type == "cuda":
+        return max(DEFAULT_CHUNK, CUDA_CHUNK_BYTES // (4 * vocab) // 64 * 64)
+    return DEFAULT_CHUNK
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -74,19 +95,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (hidden [N, H], weight [V, H],
-    targets [N] int64, no ignore_index), fused and chunked: see the module docstring.
+    targets [N] int64, no ignore_index), fused and chunked (`chunk` rows, default `chunk_rows`): see
+    the module docstring.
 
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, like the plain
-    path's `logits.float()`. Without gradients it falls back to the plain formula.
+    path's `logits.float()`. Without gradients it is the chunked sum of `linear_cross_entropy_sum`
+    divided by N.
     """
+    chunk = chunk or chunk_rows(hidden.device, weight.shape[0])
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
-        return F.cross_entropy((hidden @ weight.t()).float(), targets)
+        return linear_cross_entropy_sum(hidden, weight, targets, chunk) / hidden.shape[0]
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype)
+
+
+@torch.no_grad()
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Sum over rows of CE(hidden @ weight.T, targets) (shapes as `linear_cross_entropy`), no gradients,
+    `chunk` rows at a time (default `chunk_rows`): nothing of size [N, V] is allocated.
+
+    A chunk's logits are computed as the plain path computes them (`F.linear` in the ambient autocast
+    dtype, then fp32) and its per-row losses go into an [N] fp32 vector, which `F.nll_loss` sums: the
+    reduction `F.cross_entropy(..., reduction="sum")` ends in, so on CPU the result is the same float
+    as the full-logits cross-entropy (BLAS rows do not depend on the other rows of a matmul).
+    """
+    chunk = chunk or chunk_rows(hidden.device, weight.shape[0])
+    n = hidden.shape[0]
+    per_row = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, chunk):
+        logits = F.linear(hidden[s : s + chunk], weight)
+        per_row[s : s + chunk] = F.cross_entropy(logits.float(), targets[s : s + chunk], reduction="none")
+    return F.nll_loss(per_row.neg_().unsqueeze(1), torch.zeros(n, dtype=torch.long, device=hidden.device), reduction="sum")
+
+
+def _has_fusable_head(model: torch.nn.Module) -> bool:
+    """An HF causal LM (or a `torch.compile` of one) with a bias-free linear lm_head over `model.model`."""
+    base = getattr(model, "_orig_mod", model)
+    head = getattr(base, "lm_head", None)
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and hasattr(base, "model")
+        and getattr(base.config, "final_logit_softcapping", None) is None
+    )
 
 
 def supports_fused_loss(model: torch.nn.Module) -> bool:
@@ -100,18 +155,15 @@ def supports_fused_loss(model: torch.nn.Module) -> bool:
         return False
     if isinstance(model, FSDPModule):  # the root's hooks gather lm_head only when the whole model is called
         return False
-    base = getattr(model, "_orig_mod", model)
-    head = getattr(base, "lm_head", None)
-    return (
-        isinstance(head, torch.nn.Linear)
-        and head.bias is None
-        and hasattr(base, "model")
-        and getattr(base.config, "final_logit_softcapping", None) is None
-    )
+    return _has_fusable_head(model)
 
 
 def causal_lm_loss(
-    model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK, body: torch.nn.Module | None = None
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int | None = None,
+    body: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss of an HF causal LM, equal to
     `F.cross_entropy(model(input_ids=input_ids).logits.float().reshape(-1, V), targets.reshape(-1))`
@@ -129,6 +181,46 @@ def causal_lm_loss(
     if scale is not None:
         hidden = hidden * scale
     return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), base.lm_head.weight, targets.reshape(-1), chunk)
+
+
+@torch.no_grad()
+def causal_lm_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Sum of the next-token losses of `input_ids` [B, T] against `targets` [B, T] (int64): a 0-dim fp32
+    tensor on the model's device, no gradients, equal to
+    `token_cross_entropy(model(input_ids=input_ids).logits, targets, reduction="sum")` (the same float
+    on CPU) without the [B·T, V] logits: the lm_head + cross-entropy run `chunk` rows at a time
+    (`linear_cross_entropy_sum`). Meant for evaluation (and anything else that needs a loss, not its
+    gradient); the autocast context is the caller's.
+
+    The whole model is called, so a wrapper's hooks run as for the plain path: on an FSDP2-sharded
+    model the root's forward gathers the lm_head weight, and each decoder layer its own. A forward
+    pre-hook on the lm_head takes its input (the final hidden states), computes the chunked loss with
+    the lm_head's weight as it is at that moment (the gathered one), and hands the lm_head zero rows, so
+    the model's own logits are [B, 0, V]. Models `_has_fusable_head` rejects (a biased or tied-and-scaled
+    head, soft-capped logits, DDP) take the plain path.
+    """
+    if not _has_fusable_head(model):
+        return token_cross_entropy(model(input_ids=input_ids).logits, targets, reduction="sum")
+    base = getattr(model, "_orig_mod", model)
+    scale = getattr(base.config, "logit_scale", None)
+    flat_targets = targets.reshape(-1)
+    out: list[torch.Tensor] = []
+
+    def head_input(head: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if scale is not None:
+            hidden = hidden * scale
+        out.append(linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), head.weight, flat_targets, chunk))
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = base.lm_head.register_forward_pre_hook(head_input)
+    try:
+        model(input_ids=input_ids)
+    finally:
+        handle.remove()
+    if len(out) != 1:
+        raise RuntimeError(f"{type(base).__name__}: the lm_head ran {len(out)} times in one forward; expected once")
+    return out[0]
 
 
 class NextTokenLoss(torch.nn.Module):
