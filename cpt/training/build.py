@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import resource
 import socket
 import sys
 import time
@@ -41,7 +42,7 @@ from cpt.data.streams import JointStream, TaskStream
 from cpt.data.tokenizer import TextTokenizer, cache_root, load_tokenizer, train_or_load_bpe
 from cpt.data.tokens import TaskTokens, check_token_range, prepare_for, split_documents, task_key, token_dtype
 from cpt.errors import CptError
-from cpt.model import enable_activation_checkpointing, model_for
+from cpt.model import NotReplayable, enable_activation_checkpointing, meta_model_for, model_for
 from cpt.replay import ownership
 from cpt.replay.buffer import ReplayBuffer, copy_shard, remove_shard
 from cpt.replay.mixing import MixedBatchSource, StepPlan
@@ -371,22 +372,54 @@ def agree_on_data(data: Data) -> None:
 def model_and_parallel(
     cfg: RunConfig, data: Data, device: torch.device, autocast_dtype, world: int, log
 ) -> tuple[torch.nn.Module, OneProcess]:
-    """The run's model on its device, wrapped for one process, DDP or FSDP2 (and compiled if asked)."""
+    """The run's model on its device, wrapped for one process, DDP or FSDP2 (and compiled if asked).
+
+    Under FSDP2 (`training.fsdp_init: meta`) the model is built on the meta device, sharded, and then
+    each rank fills only its shards (`cpt.model.MetaModel`): the same weights as a whole build, at about
+    a shard's memory per rank. Every rank's peak memory at this point is logged."""
     tr = cfg.training
-    model = model_for(cfg, data.tokenizer.vocab_size, data.tokenizer.eos_id)
+    parallel = parallel_for(tr.parallel, world, device, autocast_dtype)
+    deferred = None
+    if parallel.sharded and tr.fsdp_init == "meta":
+        try:
+            deferred = meta_model_for(cfg, data.tokenizer.vocab_size, data.tokenizer.eos_id)
+        except NotReplayable as why:
+            log(f"fsdp: building the whole model on every rank: it cannot be filled shard by shard ({why})")
+    model = deferred.model if deferred is not None else model_for(cfg, data.tokenizer.vocab_size, data.tokenizer.eos_id)
     vocab = model.get_input_embeddings().weight.shape[0]
     for task in data.tasks:
         check_token_range(task, vocab)
-    model.to(device)
+    if deferred is None:
+        model.to(device)
     if tr.activation_checkpointing:
         enable_activation_checkpointing(model)
-    parallel = parallel_for(tr.parallel, world, device, autocast_dtype)
-    if parallel.sharded and cfg.alignment.probe_every:
-        raise CptError("alignment.probe_every: the gradient probe does not run under training.parallel: fsdp; use ddp or set it to 0")
     parallel.wrap(model, tr.compile)
+    if deferred is not None:
+        deferred.materialise(device)
     if parallel.compiled:
         log(f"compile: {'; '.join(parallel.compiled)} (torch.compile{', under DDP' if parallel.kind == 'DDP' else ''})")
+    how = (
+        f"built on meta, sharded, then {deferred.source}"
+        if deferred is not None
+        else "built whole" + (" on every rank" if world > 1 else "")
+    )
+    log(f"memory at start ({parallel.kind}, model {how}): {start_memory(device, world)}")
     return model, parallel
+
+
+def start_memory(device: torch.device, world: int) -> str:
+    """Each rank's peak memory so far, gathered (collective under torchrun): the host's peak RSS
+    (`getrusage`, the whole process: interpreter, torch, data preparation on local rank 0) and on CUDA
+    the peak of `torch.cuda.max_memory_allocated`."""
+    peak = {"host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if device.type == "cuda":
+        peak["device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    ranks = distributed.gather_to_all(peak) if world > 1 else [peak]
+    parts = []
+    for r, m in enumerate(ranks):
+        line = f"host peak RSS {m['host_mb']:,.0f} MiB" + (f", device peak {m['device_mb']:,.0f} MiB" if "device_mb" in m else "")
+        parts.append(f"rank {r}: {line}" if world > 1 else line)
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------ data order

@@ -7,7 +7,8 @@ as the strategy needs). What differs between the strategies lives here and nowhe
 
 - `wrap(model, compile)`: one process runs the loss module as it is; DDP wraps the loss module (it
   reduces the gradients of what it runs, so the fused loss and a compiled decoder body stay on);
-  FSDP2 shards each decoder layer and the root (`fully_shard`), compiling each layer first.
+  FSDP2 shards each decoder layer and the root (`fully_shard`), compiling each layer first; the
+  model may come with its parameters on the meta device, filled once sharded (`cpt.model.MetaModel`).
 - `micro_batch(last)`: gradients are synchronised on the last micro-batch of a step only.
 - `eval_min_batches(n)`: under FSDP2 every forward is collective, so every rank runs as many
   evaluation batches as the rank with the most.
