@@ -205,6 +205,12 @@ class TrainingConfig(Section):
         description="Under torchrun: `ddp` replicates the model; `fsdp` shards parameters, gradients and optimizer state (FSDP2 "
         "`fully_shard` per decoder layer) and checkpoints through torch distributed checkpoint. Ignored in one process.",
     )
+    fsdp_init: Literal["meta", "full"] = Field(
+        "meta",
+        description="Under `fsdp`: `meta` builds the model on the meta device, shards it, then fills each rank's shard (the "
+        "seeded init replayed, or `model.init` read slice by slice: the same weights as `full`), so a rank holds about its shard; "
+        "`full` builds the whole model on every rank first. A model that cannot be filled shard by shard is built whole (logged).",
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)."
     )
@@ -345,6 +351,16 @@ class CheckpointConfig(Section):
     every: Count = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at task ends).")
     keep: Count = Field(2, ge=1, description="Resumable checkpoints to keep (the newest).")
     task_ends: bool = Field(True, description="Save an HF checkpoint at the end of every task (`checkpoints/task-<i>-<name>`).")
+    # `async` is a Python keyword: the attribute is `async_`, the YAML key and the dump say `async`
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True, serialize_by_alias=True)
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Write resumable checkpoints in the background: training waits only while the state is copied to host "
+        "memory (FSDP2: DCP's `async_save`; one process / DDP: a copy written by a thread), costing host memory for one "
+        "copy of model + optimizer state (of a rank's shard under FSDP2). The next checkpoint, a preemption and the end of "
+        "the run wait for the write; a checkpoint is renamed into place only once complete.",
+    )
 
 
 class LoggingConfig(Section):
@@ -565,7 +581,7 @@ def reference_markdown() -> str:
             bounds = _bounds(field.metadata)
             if bounds:
                 desc += f" ({bounds})"
-            rows.append((f"{prefix}{name}", typ, default, desc))
+            rows.append((f"{prefix}{field.alias or name}", typ, default, desc))
         if rows:
             lines.append(f"## `{prefix.rstrip('.') or 'top level'}`")
             lines.append("")

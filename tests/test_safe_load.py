@@ -31,10 +31,10 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def _fix_manifest(step_dir):
-    """Re-sign state.pt in the manifest, as an attacker would, so the checkpoint verifies."""
+def _fix_manifest(step_dir, name="state.pt"):
+    """Re-sign a file in the manifest, as an attacker would, so the checkpoint verifies."""
     manifest = json.loads((step_dir / "manifest.json").read_text())
-    manifest["files"]["state.pt"] = hashlib.sha256((step_dir / "state.pt").read_bytes()).hexdigest()
+    manifest["files"][name] = hashlib.sha256((step_dir / name).read_bytes()).hexdigest()
     (step_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     assert checkpoint.verify(step_dir) is None
 
@@ -88,10 +88,11 @@ def test_every_checkpoint_of_a_real_run_is_plain_tensors_and_values(run_dir):
     assert len(ckpts) > 5
     for step_dir in ckpts:
         # torch's own weights-only set, without cpt's allowance for older checkpoints' numpy rows
-        assert torch.serialization.get_unsafe_globals_in_checkpoint(step_dir / "state.pt") == [], step_dir
+        for name in ("state.pt", "rank-0.pt"):
+            assert torch.serialization.get_unsafe_globals_in_checkpoint(step_dir / name) == [], step_dir / name
         state = torch.load(step_dir / "state.pt", map_location="cpu", weights_only=True)
         assert state["reptile"]["anchor"] and state["probe"]["rng"]["bit_generator"] == "PCG64"
-    ready = checkpoint.load_state(_mid_second_task(run_dir) / "state.pt")["sources"][0]["ready"]
+    ready = checkpoint.load_state(_mid_second_task(run_dir) / "rank-0.pt")["sources"]["ready"]
     assert ready and all(isinstance(v, torch.Tensor) and v.dtype == torch.int64 for v in ready.values())
 
 
@@ -104,12 +105,11 @@ def test_a_checkpoint_written_before_ready_rows_were_tensors_still_resumes_exact
     """Older cpt stored the drawn replay rows as int64 numpy arrays; those runs must still resume."""
 
     def as_numpy(step_dir):
-        state = torch.load(step_dir / "state.pt", map_location="cpu", weights_only=True)
-        for source in state["sources"]:
-            source["ready"] = {k: v.numpy() for k, v in source["ready"].items()}
-        torch.save(state, step_dir / "state.pt")
-        _fix_manifest(step_dir)
-        assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(step_dir / "state.pt")
+        own = torch.load(step_dir / "rank-0.pt", map_location="cpu", weights_only=True)
+        own["sources"]["ready"] = {k: v.numpy() for k, v in own["sources"]["ready"].items()}
+        torch.save(own, step_dir / "rank-0.pt")
+        _fix_manifest(step_dir, "rank-0.pt")
+        assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(step_dir / "rank-0.pt")
 
     original = json.loads((run_dir / "summary.json").read_text())
     _same_run(_resume_from(run_dir, tmp_path, capsys, _mid_second_task(run_dir).name, tamper=as_numpy), original)
@@ -117,7 +117,7 @@ def test_a_checkpoint_written_before_ready_rows_were_tensors_still_resumes_exact
 
 def _poison(step_dir, marker):
     state = torch.load(step_dir / "state.pt", map_location="cpu", weights_only=True)
-    state["sources"][0]["stats"]["payload"] = _Payload(marker)
+    state["progress"]["payload"] = _Payload(marker)
     torch.save(state, step_dir / "state.pt")
     _fix_manifest(step_dir)
 

@@ -4,7 +4,7 @@ The method itself has no second code path: each rank reads its own windows of ev
 (`TaskStream(rank, world)`), owns its replay-buffer shard, and the model is wrapped in DDP so the
 gradients are averaged; Reptile then edits identical weights on every rank. Only rank 0 writes
 metrics, summaries, HF checkpoints and reports; resumable checkpoints hold every rank's data
-position, buffer state and RNG (gathered to rank 0), so a run resumes on the same world size.
+position, buffer state and RNG (each rank writes its own file), so a run resumes on the same world size.
 With `training.parallel: fsdp` the model is sharded instead (FSDP2, below): parameters, gradients and
 optimizer state are split across ranks, resumable checkpoints are written by every rank through torch
 distributed checkpoint, and HF checkpoints are gathered to rank 0 first.
@@ -101,6 +101,8 @@ def shard_model(model: torch.nn.Module, mixed_bf16: bool, compile_layers: bool =
     Parameters become DTensors sharded on dim 0 across the ranks; the optimizer built afterwards owns
     only the local shards, and so does a Reptile anchor made from it. With `mixed_bf16`, layers
     compute in bf16 and gradients are reduced in fp32 (the sharded master weights stay fp32).
+    The parameters may still be on the meta device (`cpt.model.meta_model_for`): each rank then gives
+    its shards storage and values afterwards (`MetaModel.materialise`), never holding the whole model.
     """
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
@@ -115,14 +117,38 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
-    """Collective: every rank writes its own shards of model and optimizer state (torch distributed checkpoint)."""
+def cpu_group():
+    """Collective: a gloo group of all ranks for a background checkpoint writer (its collectives run beside
+    training's on the default group, and DCP's `async_save` needs a CPU backend); None in one process."""
+    return dist.new_group(backend="gloo") if active() else None
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's (small) `obj`, in rank order, over `group` (default: the default group); a list of one without torchrun."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory, group=None, asynchronous: bool = False):
+    """Collective: every rank writes its own shards of model and optimizer state (torch distributed checkpoint).
+
+    `asynchronous`: DCP's `async_save` copies the shards to host memory, writes them in a background thread
+    (over `group`, a gloo group: `cpu_group`) and returns its Future; training may change the weights meanwhile.
+    """
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+    state = {"model": model_sd, "optimizer": optim_sd}
+    if asynchronous:
+        return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
+    dcp.save(state, checkpoint_id=str(directory), process_group=group)
+    return None
 
 
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
-    """Collective: read the shards written by `save_sharded` (same world size) into model and optimizer."""
+    """Collective: read the shards written by `save_sharded` (same world size) into model and optimizer; each rank
+    reads the chunks of its own shards (DCP plans the reads from `.metadata`), never the whole checkpoint."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(directory))

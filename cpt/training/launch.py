@@ -5,7 +5,8 @@ users: the config is validated, the data prepared and the model built before the
 touched, so bad input fails with one line and nothing written. A new run gets an id and a marker
 (`run.json`) recording each task's source content hash and the tokenizer's fingerprint; `--resume`
 uses the run's own saved config, refuses data that changed, and loads the newest checkpoint that
-verifies — or, when none does, starts again from step 0 with the replay buffer as it was then.
+verifies on every rank (each rank checking its own files, `checkpoint.load_latest`) — or, when none does,
+starts again from step 0 with the replay buffer as it was then.
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def _check_same_data(run: Run, marker: dict, out: Path) -> None:
 
 
 def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
-    state = None
+    found = None
     if resume:
-        found = ckpt.load_latest(out / "checkpoints", run.log)
+        # collective: rank 0's list, each rank verifies its own files, all take the same checkpoint
+        found = ckpt.load_latest(out / "checkpoints", run.log, run.rank, run.world, run.checkpointer.group)
         if found is None:
             if (out / "summary.json").is_file():
                 raise CptError(f"{out}: the run already finished (summary.json exists)")
@@ -106,10 +108,8 @@ def _run_and_close(run: Run, out: Path, resume: bool) -> dict:
             if run.is_main:
                 (out / "metrics.jsonl").unlink(missing_ok=True)
             run.resume = False  # the buffer too starts as it was at step 0, not as the killed run left it
-        else:
-            run.resumed_from, state = found
     try:
-        return run.run(state)
+        return run.run(found)
     finally:
         run.parallel.close()
         distributed.shutdown()

@@ -33,7 +33,7 @@ from cpt.training.evaluator import Evaluator
 from cpt.training.metrics import TrainMeter, open_metrics
 from cpt.training.optim import optimizer_for
 from cpt.training.schedule import lr_at
-from cpt.training.signals import PREEMPTED_EXIT_CODE, Preempted, StopOnSignal, agree
+from cpt.training.signals import PREEMPTED_EXIT_CODE, Preempted, StopOnSignal
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "Run"]
 
@@ -68,7 +68,9 @@ class Run:
         self.meta = build.reptile_for(cfg, self.optimizer, self.plan, self.parallel.sharded)
         self.evaluator = Evaluator(self.tasks, cfg.training, self.parallel, self.tokenizer.eos_id, self.rank, self.world, log)
         self.progress = ckpt.Progress()
-        self.checkpointer = ckpt.Checkpointer(out / "checkpoints", cfg.checkpoint, self.parallel, self.optimizer, self.rank, self.world)
+        self.checkpointer = ckpt.Checkpointer(
+            out / "checkpoints", cfg.checkpoint, self.parallel, self.optimizer, self.rank, self.world, log
+        )  # collective with checkpoint.async (its writer's process group)
         self.resumed_from: Path | None = None  # the checkpoint directory a resume reads
         self.stop_requested = False
 
@@ -86,21 +88,30 @@ class Run:
 
     # ---------------------------------------------------------------- the step
     def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step (0-based `step`): (the global mean loss, tokens trained on this rank; 0 if skipped)."""
+        """One optimizer step (0-based `step`): (the global mean loss, tokens trained on this rank; 0 if skipped).
+
+        The host waits on the device once per step: the micro-batch losses are added on the device
+        (float64, the arithmetic the float sum of earlier versions did, so the loss is the same float),
+        and that sum travels with the stop flag in one tensor, all-reduced under torchrun and read
+        once (`_agree_on_device`); the NaN / skip and the stop decisions come from that one read.
+        Rows arrive as int32 (pinned when CUDA is available) and are copied without blocking; the
+        targets become int64 on the device.
+        """
         cfg, accum = self.cfg, self.cfg.training.grad_accum
         rows, n_new, n_replay = self.source.next_batch(step)
         rows = rows.to(self.device, non_blocking=True)
+        inputs, targets = rows[:, :-1], rows[:, 1:].long()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.plan.total_steps, self.plan.task_ends, cfg.training.lr, cfg.schedule)
-        total = 0.0
-        micros = rows.chunk(accum)
-        for i, micro in enumerate(micros):
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        micros = list(zip(inputs.chunk(accum), targets.chunk(accum)))
+        for i, (micro_inputs, micro_targets) in enumerate(micros):
             with self.parallel.micro_batch(last=i == len(micros) - 1):  # gradients synchronised on the last one only
                 with precision(self.device, self.autocast_dtype):
-                    loss = self.parallel.train_module(micro[:, :-1], micro[:, 1:])
+                    loss = self.parallel.train_module(micro_inputs, micro_targets)
                 (loss / accum).backward()
-            total += float(loss.detach()) / accum
-        total, self.stop_requested = agree(total, self.stopper.signum is not None, self.world, self.device)
+            total += loss.detach().double() / accum
+        total, self.stop_requested = _agree_on_device(total, self.stopper.signum is not None, self.world)
         skipped = not math.isfinite(total)
         if skipped:
             self._skip_batch(step, total)
@@ -127,15 +138,19 @@ class Run:
         self.log(f"warning: step {step}: loss {loss}; batch skipped ({self.progress.nan_skipped}/{allowed})")
 
     # ---------------------------------------------------------------- the loop
-    def run(self, resumed_state: dict | None = None) -> dict:
+    def run(self, resumed: ckpt.Found | None = None) -> dict:
+        """Train to the summary; `resumed`: the checkpoint `checkpoint.load_latest` chose, to continue from."""
         self.t_start = time.perf_counter()
         self._make_source()
-        resumed_step = resumed_state["progress"]["step"] if resumed_state is not None else None
-        offset = resumed_state["progress"]["metrics_offset"] if resumed_state is not None else None
+        resumed_step = resumed.state["progress"]["step"] if resumed is not None else None
+        offset = resumed.state["progress"]["metrics_offset"] if resumed is not None else None
         self.metrics = open_metrics(self.out, self.is_main, self.cfg.logging.tensorboard, resumed_step, offset)
-        if resumed_state is not None:
-            self.load_state_dict(resumed_state, self.resumed_from)
-            self.log(f"resumed at step {self.progress.step}/{self.plan.total_steps}")
+        if resumed is not None:
+            t0 = time.perf_counter()
+            self.resumed_from = resumed.directory
+            self.load_state_dict(resumed)
+            seconds = resumed.seconds + time.perf_counter() - t0
+            self.log(f"resumed at step {self.progress.step}/{self.plan.total_steps} (checkpoint verified and read in {seconds:.2f}s)")
         else:
             self.log(
                 f"model: {self.n_params / 1e6:.2f}M parameters on {self.device}"
@@ -146,7 +161,9 @@ class Run:
         try:
             with StopOnSignal() as self.stopper:
                 self.fit()
+            self.checkpointer.wait()  # a background write of the last checkpoint; its error is the run's
         finally:
+            self.checkpointer.close()
             if self.prefetcher is not None:
                 self.prefetcher.close()
             self.metrics.close()
@@ -175,10 +192,10 @@ class Run:
                 if self.evaluator.should_evaluate(p.step, task_end):
                     self._evaluate(task, task_end)
                 if self.checkpointer.should_save(p.step, task_end) or self.stop_requested:
-                    self.save_resumable()
+                    self.save_resumable(wait=self.stop_requested)  # stopping: the checkpoint is complete before the exit
                 if self.stop_requested:  # agreed across ranks in the step, so all of them checkpointed together
                     bar.close()
-                    raise Preempted(self.out, p.step, self.stopper.signum or 15)
+                    raise Preempted(self.out, p.step, self.stopper.signum or 15, self.stopper.seconds_since())
             bar.close()
 
     def _bar(self, task: int):
@@ -229,11 +246,12 @@ class Run:
         elapsed = time.perf_counter() - self.t_start
         return replace(self.progress, wall_seconds=self.progress.wall_seconds + elapsed, metrics_offset=self.metrics.offset())
 
-    def save_resumable(self) -> None:
-        self.checkpointer.save(self.snapshot(), self.hooks, self.buffer)
+    def save_resumable(self, wait: bool = False) -> None:
+        """Collective: a resumable checkpoint; with checkpoint.async written in the background unless `wait`."""
+        self.checkpointer.save(self.snapshot(), self.hooks, self.buffer, wait=wait)
 
-    def load_state_dict(self, state: dict, directory: Path) -> None:
-        self.progress = self.checkpointer.load(state, directory, self.hooks)
+    def load_state_dict(self, found: ckpt.Found) -> None:
+        self.progress = self.checkpointer.load(found, self.hooks)
 
     def save_hf_checkpoint(self, directory: Path) -> None:
         """An HF checkpoint of the current weights, written by rank 0 (under FSDP2 gathered from every rank first)."""
@@ -282,6 +300,8 @@ class Run:
             "probe_seconds": probe_seconds,
             "tokens_per_second": p.trained_tokens * self.world / max(p.train_seconds, 1e-9),
             "nan_skipped": p.nan_skipped,
+            # this process's resumable checkpoints: the write time sizes a preemption's grace period (docs/distributed.md)
+            "checkpoints": self.checkpointer.summary(),
             "heldout": self.evaluator.summary(),
             "compile": {"modules": self.parallel.compiled, "graphs": _compiled_graphs()} if self.parallel.compiled else None,
             **self._replay_summary(),
@@ -322,6 +342,20 @@ class Run:
                 "fill_tokens": int(fill) * self.cfg.training.seq_len,
             },
         }
+
+
+def _agree_on_device(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool]:
+    """(the global mean of this rank's 0-dim float64 `loss`, whether any rank was signalled) with one host read.
+
+    [loss, stop] is one float64 tensor on the loss's device (the flag filled by a kernel, not copied
+    from the host), summed over the ranks by one all-reduce, and read back once with `tolist`:
+    every rank takes the same NaN and stop decisions, as `signals.agree` does for host floats.
+    """
+    packed = torch.stack([loss, loss.new_full((), float(stop))])
+    if world > 1:
+        torch.distributed.all_reduce(packed)
+    total, flag = packed.tolist()
+    return (total / world if world > 1 else total), flag > 0
 
 
 def _compiled_graphs() -> int:
