@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,10 @@ def tiny_config(texts: dict[str, Path], **sections) -> dict:
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
     return cfg
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's own gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

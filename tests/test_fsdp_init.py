@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 
@@ -15,18 +14,12 @@ import torch.multiprocessing as mp
 import yaml
 
 from cpt.config import validate
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
 # an odd vocabulary: the embedding's rows split 255 / 254 over two ranks, and the padding row (eos) is on rank 1
 VOCAB, EOS = 509, 300
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard_worker(rank, port, cfg, out):
@@ -56,7 +49,7 @@ def _shard_worker(rank, port, cfg, out):
 
 def _sharded(cfg, tmp_path) -> dict:
     out = tmp_path / "sharded.pt"
-    mp.spawn(_shard_worker, args=(_port(), cfg, str(out)), nprocs=2, join=True)
+    mp.spawn(_shard_worker, args=(free_port(), cfg, str(out)), nprocs=2, join=True)
     return torch.load(out)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cosine_worker(rank, port, n, out):
@@ -51,7 +44,7 @@ def _cosine_worker(rank, port, n, out):
 @pytest.mark.parametrize("n", [3, 1])  # uneven rows per rank; a rank without any rows of a batch
 def test_sharded_cosines_equal_the_whole_gradients_cosines(tmp_path, n):
     out = tmp_path / "cos.json"
-    mp.spawn(_cosine_worker, args=(_port(), n, str(out)), nprocs=2, join=True)
+    mp.spawn(_cosine_worker, args=(free_port(), n, str(out)), nprocs=2, join=True)
     results = json.loads(out.read_text())
     for r in results:
         assert r["got"].keys() == r["want"].keys() == {"en", "replay"}
