@@ -10,7 +10,13 @@
   into the gradient (softmax − one-hot) while they are still in cache, and the lm_head backward
   matmuls run right away, so nothing of size [tokens, vocab] outlives a chunk. Same mean loss
   and gradients as the plain path to float rounding.
-- `NextTokenLoss`: that loss as a module, which is what DDP wraps (cpt.training.parallel).
+- `causal_lm_loss_in_forward`: the same fused, chunked training loss computed inside the whole model's
+  forward (an lm_head pre-hook takes the final hidden states; the loss replaces the logits as the
+  model's output), for an FSDP2-sharded model: the root's hooks gather lm_head and the embeddings and
+  reduce-scatter their gradients only when the whole model runs and its output is what backward
+  starts from. `causal_lm_loss` takes this path for an FSDP2 root.
+- `NextTokenLoss`: that loss as a module, which is what DDP wraps and what runs under FSDP2
+  (cpt.training.parallel).
 - `causal_lm_loss_sum`: the evaluation loss (a sum, no gradients) with the lm_head + cross-entropy
   in chunks of rows, so held-out evaluation never holds [batch × seq_len, vocab] logits either
   (16 × 2048 × 128k fp32 would be 17 GB); it runs the whole model, so it also works on an
@@ -148,8 +154,9 @@ def supports_fused_loss(model: torch.nn.Module) -> bool:
     """True for an HF causal LM with a bias-free linear lm_head over `model.model` (Llama & co).
 
     False for a DistributedDataParallel wrapper or an FSDP2-sharded model: calling their inner modules
-    directly would skip the wrapper's hooks (gradient reduction, parameter gathering), so such models
-    take the plain path.
+    directly would skip the wrapper's hooks (gradient reduction, parameter gathering). `causal_lm_loss`
+    then takes the plain path, except for an FSDP2 root, whose fused loss it computes inside the whole
+    model's forward (`causal_lm_loss_in_forward`).
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False
@@ -170,8 +177,12 @@ def causal_lm_loss(
     to float rounding, without materialising the [tokens, vocab] logits (see the module docstring).
 
     `body` is the module that maps ids to final hidden states (default `model.model`; pass a
-    `torch.compile`d one to compile it). Models `supports_fused_loss` rejects use the plain path.
+    `torch.compile`d one to compile it). An FSDP2 root with a fusable head runs the whole model instead
+    (`causal_lm_loss_in_forward`; `body` unused: FSDP2 compiles per layer); other models
+    `supports_fused_loss` rejects use the plain path.
     """
+    if isinstance(model, FSDPModule) and _has_fusable_head(model):
+        return causal_lm_loss_in_forward(model, input_ids, targets, chunk)
     if not supports_fused_loss(model):
         return token_cross_entropy(model(input_ids=input_ids).logits, targets)
     base = getattr(model, "_orig_mod", model)
@@ -181,6 +192,49 @@ def causal_lm_loss(
     if scale is not None:
         hidden = hidden * scale
     return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), base.lm_head.weight, targets.reshape(-1), chunk)
+
+
+def causal_lm_loss_in_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Mean next-token loss of `input_ids` [B, T] against `targets` [B, T] (int64), the fused and chunked
+    `linear_cross_entropy` computed inside the forward of the whole model, which returns it in place of
+    its logits: the value and gradients of `causal_lm_loss`, never [B·T, V] logits.
+
+    For an FSDP2-sharded model (`model` must pass `_has_fusable_head`). Its root gathers the embeddings,
+    final norm and lm_head in its pre-forward hook, registers its pre-backward hook on the tensors of
+    its output, and that hook queues the callback that reduce-scatters the root's gradients: calling
+    `model.model` and the loss separately would skip both. So a forward pre-hook on the lm_head takes
+    the final hidden states, computes the loss from them with the lm_head's weight as it is at that
+    moment (the gathered one; the embedding's when tied), and hands the lm_head zero rows; a forward
+    hook makes the loss the lm_head's output, hence the model's `logits`, the tensor FSDP2 hooks and
+    backward starts from. The gradient of the weight lands on the gathered parameter, which FSDP2
+    reduce-scatters like any other. Without gradients it is the chunked mean.
+    """
+    base = getattr(model, "_orig_mod", model)
+    scale = getattr(base.config, "logit_scale", None)
+    flat_targets = targets.reshape(-1)
+    losses: list[torch.Tensor] = []
+
+    def head_input(head: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if scale is not None:
+            hidden = hidden * scale
+        losses.append(linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, flat_targets, chunk))
+        return (args[0][..., :0, :], *args[1:])
+
+    def head_output(head: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return losses[-1]
+
+    handles = [base.lm_head.register_forward_pre_hook(head_input), base.lm_head.register_forward_hook(head_output)]
+    try:
+        loss = model(input_ids=input_ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(losses) != 1:
+        raise RuntimeError(f"{type(base).__name__}: the lm_head ran {len(losses)} times in one forward; expected once")
+    return loss
 
 
 @torch.no_grad()
@@ -228,7 +282,8 @@ class NextTokenLoss(torch.nn.Module):
 
     DistributedDataParallel only reduces gradients of a module it runs `forward` on; wrapping this
     module (not the HF model) keeps the fused, chunked loss and a `torch.compile`d decoder body
-    under DDP. `body` is kept outside the module tree so the parameters are registered once.
+    under DDP. Under FSDP2 it wraps the sharded root, and `causal_lm_loss` runs the fused loss inside
+    the root's forward. `body` is kept outside the module tree so the parameters are registered once.
     """
 
     def __init__(self, model: torch.nn.Module, body: torch.nn.Module | None = None):
