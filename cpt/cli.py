@@ -23,7 +23,8 @@ examples:
   cpt train examples/tiny.yaml --out runs/tiny
   cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6 --out runs/a
   cpt prepare run.yaml --workers 8           tokenize the tasks once, in parallel and resumably
-  cpt train --resume runs/a                  continue from the latest checkpoint
+  cpt train --resume runs/a                  continue from the latest checkpoint (on any number of ranks;
+                                             training.parallel=fsdp and other execution settings may change)
   cpt eval runs/a                            re-evaluate checkpoints/final on every task
   cpt eval runs/a --lm-eval cpt_cloze_en,cpt_cloze_fr   downstream scores of every task end (lm-eval)
   cpt export runs/a --checkpoint step-400 --out hf/a     any saved step as a plain HF checkpoint
@@ -170,9 +171,9 @@ def _cmd_train(args) -> int:
         run_dir = args.resume or args.out
         if not run_dir:
             raise CptError("--resume needs a run directory: cpt train --resume RUN_DIR")
-        if tokens:
-            raise CptError("--resume continues the run with its saved config; overrides are not allowed")
-        summary = train(None, run_dir, resume=True)
+        from cpt.training.launch import resume_overrides
+
+        summary = train(None, run_dir, resume=True, overrides=resume_overrides(tokens))  # only how it runs may change (launch.RESUME_KEYS)
     else:
         # the config is the first token that is not an override (`cpt train k=v run.yaml` too); the rest are
         # overrides in order, and a stray non-override among them fails in load_config naming it

@@ -148,21 +148,22 @@ def test_each_rank_writes_and_hashes_only_its_own_files(runs):
             names = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
             want = {"manifest.json", "state.pt", "rank-0.pt", "rank-1.pt"}
             if kind == "fsdp":
-                want |= {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "anchor-rank0.pt", "anchor-rank1.pt"}
+                want |= {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"}
             assert names == want, (kind, step_dir.name)
             manifest = json.loads((step_dir / "manifest.json").read_text())
             assert manifest["world"] == 2 and set(manifest["files"]) == want - {"manifest.json"}
             by_rank = [{"rank-0.pt", "state.pt"}, {"rank-1.pt"}]
             if kind == "fsdp":
                 by_rank = [
-                    by_rank[0] | {"dcp/.metadata", "dcp/__0_0.distcp", "anchor-rank0.pt"},
-                    by_rank[1] | {"dcp/__1_0.distcp", "anchor-rank1.pt"},
+                    by_rank[0] | {"dcp/.metadata", "dcp/__0_0.distcp"},
+                    by_rank[1] | {"dcp/__1_0.distcp"},
                 ]
             assert [set(names) for names in manifest["ranks"]] == by_rank
-        # the shared state holds no rank's state; each rank file holds that rank's data position and RNG
+        # the shared state holds no rank's state but the one global data cursor; each rank file its drawn rows, buffer and RNG
         mid = steps[len(steps) // 2]
         shared = torch.load(mid / "state.pt", weights_only=True)
         assert "rngs" not in shared and "sources" not in shared and shared["progress"]["step"] == int(mid.name[5:])
+        assert set(shared["data"]) == {"streams", "stats", "called_off", "world"}
         own = [torch.load(mid / f"rank-{i}.pt", weights_only=True) for i in (0, 1)]
         assert all(set(o) >= {"rng", "sources"} for o in own)
         assert [o["sources"]["buffer"]["shard"] for o in own] == [0, 1]  # each rank's replay-buffer shard
@@ -170,9 +171,7 @@ def test_each_rank_writes_and_hashes_only_its_own_files(runs):
         # while training, no rank opened a file another rank wrote (it hashes what it wrote itself)
         for rank, files in r["opened"].items():
             other = 1 - rank
-            theirs = {f"rank-{other}.pt", f"anchor-rank{other}.pt", f"dcp/__{other}_0.distcp"} | (
-                {"state.pt", "dcp/.metadata"} if rank else set()
-            )
+            theirs = {f"rank-{other}.pt", f"dcp/__{other}_0.distcp"} | ({"state.pt", "dcp/.metadata"} if rank else set())
             touched = {p.split("/", 1)[1] for _how, p in files if p.startswith((".tmp-step-", "step-")) and "/" in p}
             assert files and not touched & theirs, (kind, rank, sorted(touched & theirs))
 
@@ -204,7 +203,7 @@ def test_resume_reads_no_other_ranks_file_and_continues_to_the_same_loss_matrix(
         read = [p[len(mid.name) + 1 :] for how, p in opened[rank] if how == "r" and p.startswith(mid.name + "/")]
         other = 1 - rank
         assert f"rank-{rank}.pt" in read and "state.pt" in read and "manifest.json" in read
-        assert f"rank-{other}.pt" not in read and f"anchor-rank{other}.pt" not in read, (rank, read)
+        assert f"rank-{other}.pt" not in read, (rank, read)
         # rank 0 verifies the shared state.pt (read twice: hashed, then loaded); rank 1 only loads it
         assert read.count("state.pt") == (2 if rank == 0 else 1), read
         if kind == "fsdp":

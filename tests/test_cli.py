@@ -1,6 +1,6 @@
 """`cpt train` takes dotted KEY=VALUE overrides wherever they are typed on the line (before or after
 --out / --overwrite, before or after the config); anything else left over is still argparse's
-"unrecognized arguments" (exit 2), and --resume with overrides is still refused."""
+"unrecognized arguments" (exit 2), and --resume with overrides that change what the run trains is refused."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from cpt.cli import main
+from cpt.errors import CptError
 from tests.conftest import tiny_config
 
 
@@ -74,4 +75,12 @@ def test_other_leftovers_are_still_unrecognized_arguments(cfg, tmp_path, capsys,
 def test_resume_with_overrides_is_refused(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
     assert main([a.format(run=tmp_path / "a") for a in argv]) == 2
-    assert "overrides are not allowed" in capsys.readouterr().err
+    assert "training.lr cannot change" in capsys.readouterr().err
+
+
+def test_resume_may_change_how_the_run_executes_only():
+    from cpt.training.launch import resume_overrides
+
+    assert resume_overrides(["training.parallel=fsdp", "checkpoint.async=true"]) == ["training.parallel=fsdp", "checkpoint.async=true"]
+    with pytest.raises(CptError, match="training.batch_size cannot change"):
+        resume_overrides(["training.batch_size=4"])

@@ -131,7 +131,7 @@ def test_bad_data_is_refused_before_anything_is_written(small_texts, tmp_path):
     short.write_text("\n\n".join(f"Doc {i}." for i in range(40)))
     cases = [
         ({"tasks": [{"name": "en", "path": str(tmp_path / "nope.txt"), "tokens": 1000}]}, "nope.txt: data file"),
-        ({"tasks": [{"name": "en", "path": str(short), "tokens": 1000}]}, "less than one batch"),
+        ({"tasks": [{"name": "en", "path": str(short), "tokens": 1000}]}, "less than one global batch"),
     ]
     for change, message in cases:
         cfg = tiny_config(small_texts)

@@ -33,8 +33,8 @@ class RowsOfTask:
     def __init__(self, task, row_len=9):
         self.task, self.row_len = task, row_len
 
-    def next_rows(self, n):
-        return np.full((n, self.row_len), self.task, dtype=np.int64)
+    def take(self, n, lo=0, hi=None):
+        return np.full(((n if hi is None else hi) - lo, self.row_len), self.task, dtype=np.int64)
 
     def state_dict(self):
         return {}
@@ -95,3 +95,33 @@ def test_a_kept_buffer_is_replayed_by_a_later_run(small_texts, tmp_path):
     meta = json.loads((tmp_path / "second" / "replay" / "shard-000.meta.json").read_text())
     assert sorted(t for t, _ in meta["seen"]) == [0, 1, 2]  # en, fr from the first run; de as task 2
     assert {p.name: p.read_bytes() for p in buf.iterdir()} == before  # the kept buffer was only read
+
+
+def test_a_steps_replay_is_split_over_the_ranks_and_rotates():
+    from cpt.replay.mixing import replay_split
+
+    for total in range(0, 11):
+        for world in (1, 2, 3, 4):
+            per = [replay_split(total, world, step) for step in range(world)]
+            assert all(p.sum() == total and p.max() - p.min() <= (1 if total % world else 0) for p in per)
+            # the extra rows move round the ranks with the step: over `world` steps every rank replays as many
+            assert len(set(np.sum(per, axis=0).tolist())) == 1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_train_the_new_rows_one_process_trains(world):
+    """Without replay the global batch of every step holds the same new rows on any number of ranks."""
+    from cpt.data.streams import TaskStream
+    from cpt.replay.mixing import MixedBatchSource, StepPlan
+
+    tokens = np.arange(2000, dtype=np.int64)
+    plan = StepPlan.build([16 * 8 * 5, 16 * 8 * 3], seq_len=16, rows_per_step=8, rate=0.0, replay_first_task=False)
+
+    def rows(world):
+        sources = [MixedBatchSource([TaskStream(tokens, 16, 1, t) for t in range(2)], plan, rank=r, world=world) for r in range(world)]
+        out = []
+        for step in range(plan.total_steps):
+            out.append(np.concatenate([s.next_batch(step)[0].numpy() for s in sources]))
+        return np.stack(out)
+
+    assert np.array_equal(rows(world), rows(1))

@@ -187,8 +187,8 @@ class _Rows:
     def __init__(self, task):
         self.task = task
 
-    def next_rows(self, n):
-        return np.full((n, ROW), self.task, dtype=np.int64)
+    def take(self, n, lo=0, hi=None):
+        return np.full(((n if hi is None else hi) - lo, ROW), self.task, dtype=np.int64)
 
 
 def test_the_batch_source_replays_what_the_buffer_calls_eligible(tmp_path):

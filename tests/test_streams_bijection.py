@@ -118,3 +118,56 @@ def test_joint_stream_resumes_exactly():
     k = make()
     k.load_state_dict(j.state_dict())
     assert np.array_equal(np.concatenate([first, k.next_rows(67)]), ref)
+
+
+def _global_rows(make, steps: list[int], world: int) -> np.ndarray:
+    """Rows of `steps` (rows per step) read by `world` ranks, each with its own copy of the stream taking its slice
+    [lo, hi) of every step (as the batch source does), concatenated in rank order per step."""
+    copies = [make() for _ in range(world)]
+    out = []
+    for n in steps:
+        cuts = np.linspace(0, n, world + 1).astype(int)  # any split of the step works
+        for r, s in enumerate(copies):
+            out.append(s.take(n, int(cuts[r]), int(cuts[r + 1])))
+        assert len({json_key(s.state_dict()) for s in copies}) == 1  # every rank's cursor is the same
+    return np.concatenate(out)
+
+
+def json_key(state: dict) -> str:
+    import json
+
+    return json.dumps(state, sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_the_global_order_does_not_depend_on_the_number_of_ranks(world):
+    """What a run resumed on another world size relies on: the rows of each step are the same, whoever reads them."""
+    steps = [8, 8, 5, 8, 13, 8, 8, 8]  # 66 rows of a 17-window task: crosses three epoch ends, one inside a step
+    one = _global_rows(lambda: TaskStream(_tokens(17), SEQ, 3, 1), steps, 1)
+    assert np.array_equal(one, TaskStream(_tokens(17), SEQ, 3, 1).next_rows(66))  # = the one-process order
+    assert np.array_equal(_global_rows(lambda: TaskStream(_tokens(17), SEQ, 3, 1), steps, world), one)
+
+    def joint():
+        return JointStream([TaskStream(_tokens(30), SEQ, 0, i) for i in range(2)], [1.0, 3.0], seed=0)
+
+    assert np.array_equal(_global_rows(joint, steps, world), _global_rows(joint, steps, 1))
+
+    from cpt.data.mixture import MixtureStream
+
+    def mixture():
+        return MixtureStream([TaskStream(_tokens(w), SEQ, 0, 1000 + j) for j, w in enumerate((11, 23, 5))], [0.5, 0.3, 0.2])
+
+    assert np.array_equal(_global_rows(mixture, steps, world), _global_rows(mixture, steps, 1))
+
+
+def test_a_global_cursor_resumes_mid_epoch_and_refuses_a_bad_slice():
+    ref = TaskStream(_tokens(10), SEQ, 2, 1).take(25)
+    s = TaskStream(_tokens(10), SEQ, 2, 1)
+    first = s.take(7)
+    t = TaskStream(_tokens(10), SEQ, 2, 1)
+    t.load_state_dict(s.state_dict())
+    assert np.array_equal(np.concatenate([first, t.take(18)]), ref) and t.epoch == 2 and t.position == 5
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= n"):
+        t.take(4, 3, 5)
+    with pytest.raises(ValueError, match="global order"):
+        TaskStream(_tokens(10), SEQ, 2, 1, rank=1, world=2).take(4)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -104,16 +105,22 @@ class MetaUpdates:
 
     With `at_task_end` (alignment.task_end_update) a task end that falls between two k-multiples
     meta-updates too, so the loss-matrix row and the task checkpoint hold interpolated weights.
-    Under FSDP2 each rank's anchor shard is written to its own file (`save_shard` / `load_shard`).
+
+    Where the anchor is checkpointed: unsharded, whole in `state.pt` (this hook's state); under FSDP2 as
+    DTensors with the parameters' placements inside the torch distributed checkpoint (`dcp_state`), so it
+    reshards like the weights when a run resumes on another number of ranks. A whole anchor loaded into an
+    FSDP2 run (a DDP or one-process checkpoint) is cut to this rank's shards; a sharded one loaded into an
+    unsharded run arrives whole through DCP. `names`: each anchor tensor's parameter name (its DCP key).
     """
 
     name = "reptile"
 
-    def __init__(self, reptile: Reptile, task_ends: list[int], at_task_end: bool, sharded: bool = False):
+    def __init__(self, reptile: Reptile, task_ends: list[int], at_task_end: bool, sharded: bool = False, names: list[str] | None = None):
         self.reptile = reptile
         self.task_ends = set(task_ends)
         self.at_task_end = at_task_end
         self.sharded = sharded
+        self.names = names or [f"param{i}" for i in range(len(reptile.params))]
 
     @property
     def meta_updates(self) -> int:
@@ -131,15 +138,30 @@ class MetaUpdates:
     def state_dict(self) -> dict:
         return self.reptile.state_dict(anchor=not self.sharded)
 
-    def load_state_dict(self, state: dict | None) -> None:
-        if state is not None and state.get("anchor") is not None:
-            self.reptile.load_state_dict(state)
-
-    def save_shard(self, directory: Path, rank: int) -> None:
+    def dcp_state(self, for_load: bool = False) -> dict | None:
+        """The anchor as DCP sees it: {name: DTensor} under FSDP2 (saved and loaded there); when loading into an
+        unsharded run, {name: tensor} to be filled from a sharded checkpoint; else None (it is in `state.pt`)."""
         if self.sharded:
-            torch.save(self.reptile.state_dict()["anchor"], directory / f"anchor-rank{rank}.pt")
+            return {
+                n: DTensor.from_local(a, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                for n, a, p in zip(self.names, self.reptile.anchor, self.reptile.params)
+            }
+        return dict(zip(self.names, self.reptile.anchor)) if for_load else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            return
+        anchor = state.get("anchor")
+        if anchor is not None and self.sharded:  # a whole anchor into shards: this rank's part of each
+            anchor = [
+                distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                for whole, p in zip(anchor, self.reptile.params)
+            ]
+        if anchor is None:  # filled through DCP already (`dcp_state`)
+            anchor = self.reptile.anchor
+        self.reptile.load_state_dict({**state, "anchor": anchor})
 
     def load_shard(self, state: dict | None, directory: Path, rank: int, load) -> None:
-        """Under FSDP2: this rank's anchor from its file (`load` reads it safely), then the rest of `state`."""
+        """An FSDP2 checkpoint of an earlier cpt: this rank's anchor from `anchor-rank<r>.pt`, then the rest of `state`."""
         if self.sharded and state is not None:
             self.reptile.load_state_dict({**state, "anchor": load(directory / f"anchor-rank{rank}.pt")})

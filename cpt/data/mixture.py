@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cpt.data.streams import slice_by_source
 from cpt.data.views import TokenView
 
 
@@ -76,18 +77,20 @@ class MixtureStream:
         return concat([s.tokens for s in self.streams])
 
     def next_rows(self, n: int) -> np.ndarray:
+        return self.take(n)
+
+    def take(self, n: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """The sources of the step's n global rows by the largest-deficit rule (the counts advance by all n, on
+        every rank alike), then rows [lo, hi) of them from their sources' streams."""
+        hi = n if hi is None else hi
         src = np.empty(n, dtype=np.int64)
+        total = int(self.counts.sum())
         for i in range(n):
-            s = int(np.argmax(self.w * (self.counts.sum() + 1) - self.counts))
+            s = int(np.argmax(self.w * (total + 1) - self.counts))
             src[i] = s
             self.counts[s] += 1
-        rows = np.empty((n, self.row_len), dtype=np.int64)
-        starts = np.empty(n, dtype=np.int64)
-        for s in np.unique(src):
-            idx = np.nonzero(src == s)[0]
-            rows[idx] = self.streams[s].next_rows(len(idx))
-            starts[idx] = self.bases[s] + self.streams[s].last_starts
-        self.last_starts = starts
+            total += 1
+        rows, self.last_starts = slice_by_source(self.streams, src, lo, hi, self.row_len, self.bases)
         return rows
 
     def state_dict(self) -> dict:

@@ -2,10 +2,16 @@
 
 A task's training tokens are cut into non-overlapping windows of `seq_len + 1` tokens (inputs and
 next-token targets share all but one token). Each epoch visits every window once, in an order
-drawn from (seed, task, epoch); a data-parallel rank takes every world-th position of that order
-(rank r of W: positions r, r + W, r + 2W, …, so ceil((windows - r) / W) windows per epoch), so
-ranks read disjoint data and together cover the epoch. The stream's whole position is two
-integers (epoch, position in this rank's share), which a checkpoint stores.
+drawn from (seed, task, epoch). The training loop reads a stream with a *global* cursor:
+`take(n, lo, hi)` advances the stream by the n rows of one optimizer step over all data-parallel
+ranks and returns the rows [lo, hi) of them, this rank's slice. So the global sequence of rows is
+the same on 1, 2 or 64 ranks (only who computes which row changes), every rank's copy of the
+cursor is the same two integers (epoch, position), and a checkpoint keeps them once, in the shared
+state: a run resumed on another number of ranks continues the same sequence.
+
+`TaskStream(rank, world)` with world > 1 is the other reading, used by the gradient probe: rank r
+of W takes every W-th position of each epoch's order (r, r + W, r + 2W, …), so ranks read disjoint
+rows with cursors of their own; `next_rows(n)` advances that share.
 
 The order is a seeded bijection of [0, windows) computed on the fly, never materialised: a
 balanced Feistel network over [0, 4^h), the smallest power of 4 >= windows (two halves of h bits;
@@ -14,17 +20,16 @@ cycle walking — a value that lands >= windows is permuted again until it lands
 keeps it a bijection of [0, windows) and takes 4^h / windows <= 4 passes on average (4^h < 4 ·
 windows for windows >= 2). The round keys come from SeedSequence(seed, 7919, task, epoch). Memory is O(rows asked
 for), not O(windows): a task of 48.8M windows used to cost a 390 MB int64 permutation per rank
-per epoch (`rng.permutation(windows)`). This replaced that permutation, so the order of every
-run's training rows (and with it its loss matrix) changed once; runs of this version compare
-with each other exactly as before.
+per epoch (`rng.permutation(windows)`).
 
 `TaskStream.tokens` may be a numpy memmap or any 1-D array-like that supports `len()` and
 contiguous slicing `tokens[a:b]` → np.ndarray; nothing else is asked of it. `last_starts` holds
-the token offsets of the rows the last `next_rows` returned (a replay buffer with
+the token offsets of the rows the last `take` / `next_rows` returned (a replay buffer with
 `replay.buffer.store: refs` stores those instead of the rows).
 
 `JointStream` draws each row from one of several task streams with probability proportional to
-their token budgets: the retrain-on-everything reference.
+their token budgets: the retrain-on-everything reference. Its draws are global too (one generator,
+the same on every rank), so it is sliced like a task stream.
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ class TaskStream:
         return (self.windows - self.rank + self.world - 1) // self.world
 
     def next_starts(self, n: int) -> np.ndarray:
-        """Advance by n rows and return their token offsets (int64 [n]), crossing epochs as needed."""
+        """Advance this rank's share by n rows and return their token offsets (int64 [n]), crossing epochs as needed."""
         per_epoch = self.windows_per_epoch
         starts = np.empty(n, dtype=np.int64)
         done = 0
@@ -138,14 +143,47 @@ class TaskStream:
             done += k
         return starts
 
-    def next_rows(self, n: int) -> np.ndarray:
-        """The next n rows, int64 [n, seq_len + 1]; their token offsets are then in `last_starts`."""
-        starts = self.next_starts(n)
-        out = np.empty((n, self.row_len), dtype=np.int64)
+    def take_starts(self, n: int, lo: int, hi: int) -> np.ndarray:
+        """Advance the global cursor by n rows; the token offsets of rows [lo, hi) of them (int64 [hi - lo]).
+
+        Only those rows' positions are computed (O(hi - lo)); the cursor moves by n on every rank alike.
+        """
+        if self.world != 1:
+            raise ValueError("take() reads the global order: build the stream with rank 0, world 1")
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"take(n={n}, lo={lo}, hi={hi}): need 0 <= lo <= hi <= n")
+        w = self.windows
+        if self.position >= w:  # an epoch ended exactly at the last step (next_rows' lazy roll-over)
+            self.epoch, self.position, self._order = self.epoch + self.position // w, self.position % w, None
+        starts = np.empty(hi - lo, dtype=np.int64)
+        done, at = 0, self.position + lo  # `at`: position relative to the current epoch's start
+        while done < hi - lo:
+            epoch, pos = self.epoch + at // w, at % w
+            k = min(hi - lo - done, w - pos)
+            order = self._epoch_order() if epoch == self.epoch else WindowOrder.seeded(w, self.seed, self.task_index, epoch)
+            starts[done : done + k] = order(pos + np.arange(k, dtype=np.int64)) * self.seq_len
+            done += k
+            at += k
+        end = self.position + n
+        if end // w:
+            self.epoch, self._order = self.epoch + end // w, None
+        self.position = end % w
+        return starts
+
+    def _rows_at(self, starts: np.ndarray) -> np.ndarray:
+        out = np.empty((len(starts), self.row_len), dtype=np.int64)
         for i, s in enumerate(starts.tolist()):
             out[i] = self.tokens[s : s + self.row_len]
         self.last_starts = starts
         return out
+
+    def next_rows(self, n: int) -> np.ndarray:
+        """This rank's next n rows, int64 [n, seq_len + 1]; their token offsets are then in `last_starts`."""
+        return self._rows_at(self.next_starts(n))
+
+    def take(self, n: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Advance the global cursor by n rows and return rows [lo, hi) of them (default all n), int64."""
+        return self._rows_at(self.take_starts(n, lo, n if hi is None else hi))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -157,21 +195,24 @@ class TaskStream:
 
 
 class JointStream:
-    """Rows from several streams, each row's stream drawn with probability ∝ weight."""
+    """Rows from several streams, each row's stream drawn with probability ∝ weight (one generator for all ranks)."""
 
     def __init__(self, streams: list[TaskStream], weights: list[float], seed: int, rank: int = 0):
         self.streams = streams
         w = np.asarray(weights, dtype=np.float64)
         self.p = w / w.sum()
         self.rng = np.random.default_rng([seed, 104729, rank])
+        self.row_len = streams[0].row_len
+        self.last_starts = None  # rows of several token files: no single offset space (joint runs keep no refs)
 
     def next_rows(self, n: int) -> np.ndarray:
+        return self.take(n)
+
+    def take(self, n: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """n global rows' streams drawn; rows [lo, hi) read. Each source stream advances by its global count."""
+        hi = n if hi is None else hi
         src = self.rng.choice(len(self.streams), size=n, p=self.p)
-        rows = np.empty((n, self.streams[0].row_len), dtype=np.int64)
-        for s in np.unique(src):
-            idx = np.nonzero(src == s)[0]
-            rows[idx] = self.streams[s].next_rows(len(idx))
-        return rows
+        return slice_by_source(self.streams, src, lo, hi, self.row_len)[0]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "streams": [s.state_dict() for s in self.streams]}
@@ -180,3 +221,21 @@ class JointStream:
         self.rng.bit_generator.state = state["rng"]
         for s, st in zip(self.streams, state["streams"]):
             s.load_state_dict(st)
+
+
+def slice_by_source(streams: list, src: np.ndarray, lo: int, hi: int, row_len: int, bases=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [lo, hi) of a step whose n global rows come from `streams[src[i]]`, in order, and their token offsets
+    (plus `bases[s]`, the offset of stream s's tokens in a concatenation). Stream s advances by its global count;
+    its rows that fall in [lo, hi) are one contiguous run of its rows, so each stream reads only that run."""
+    rows = np.empty((hi - lo, row_len), dtype=np.int64)
+    starts = np.empty(hi - lo, dtype=np.int64)
+    mine = src[lo:hi]
+    for s in range(len(streams)):
+        total = int(np.count_nonzero(src == s))
+        if total == 0:
+            continue
+        a = int(np.count_nonzero(src[:lo] == s))
+        idx = np.flatnonzero(mine == s)
+        rows[idx] = streams[s].take(total, a, a + len(idx))
+        starts[idx] = streams[s].last_starts + (0 if bases is None else bases[s])
+    return rows, starts

@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import resource
+import shutil
 import socket
 import sys
 import time
@@ -426,25 +426,27 @@ def start_memory(device: torch.device, world: int) -> str:
 def streams_for(cfg: RunConfig, tasks: list[TaskTokens], rank: int, world: int) -> tuple[list, list[str], list[int]]:
     """(one stream per row of the loss matrix, the rows' names, their budgets of new tokens)."""
     tr = cfg.training
-    streams = [_stream(t, tr.seq_len, cfg.seed, i, rank, world) for i, t in enumerate(tasks)]
+    # global streams (every rank the same cursor); the batch source hands each rank its slice of a step's rows
+    streams = [_stream(t, tr.seq_len, cfg.seed, i) for i, t in enumerate(tasks)]
+    batch = tr.batch_size * tr.grad_accum * world
     for s in streams:
-        if s.windows_per_epoch < tr.batch_size:
+        if s.windows_per_epoch < batch:
             raise CptError(
                 f"task {s.name!r}: its training split holds {s.windows_per_epoch} sequence(s) of "
-                f"{s.row_len} tokens per rank, less than one batch ({tr.batch_size}); "
+                f"{s.row_len} tokens, less than one global batch ({batch} = training.batch_size × grad_accum × {world} rank(s)); "
                 "add data or lower training.batch_size / training.seq_len"
             )
     if tr.strategy == "joint":
-        return [JointStream(streams, [t.tokens for t in cfg.tasks], cfg.seed, rank)], ["joint"], [sum(t.tokens for t in cfg.tasks)]
+        return [JointStream(streams, [t.tokens for t in cfg.tasks], cfg.seed)], ["joint"], [sum(t.tokens for t in cfg.tasks)]
     return streams, [t.name for t in cfg.tasks], [t.tokens for t in cfg.tasks]
 
 
-def _stream(task: TaskTokens, seq_len: int, seed: int, index: int, rank: int, world: int):
+def _stream(task: TaskTokens, seq_len: int, seed: int, index: int):
     """A task's training stream; a task of weighted sources draws from one stream per source (exact shares)."""
     if not task.parts:
-        return TaskStream(task.train, seq_len, seed, index, rank, world, task.name)
+        return TaskStream(task.train, seq_len, seed, index, name=task.name)
     # each source's own order: ids that no single-corpus task (0, 1, …) takes
-    parts = [TaskStream(p.train, seq_len, seed, 1000 * (index + 1) + j, rank, world, p.name) for j, p in enumerate(task.parts)]
+    parts = [TaskStream(p.train, seq_len, seed, 1000 * (index + 1) + j, name=p.name) for j, p in enumerate(task.parts)]
     return MixtureStream(parts, task.weights, task.name)
 
 
@@ -452,10 +454,10 @@ def plan_for(cfg: RunConfig, budgets: list[int], world: int, replay_task_offset:
     """Which task each step trains and how many of its rows are replayed (α, exactly)."""
     tr, rp = cfg.training, cfg.replay
     return StepPlan.build(
-        # each rank trains its share of every budget: the global batch is batch × accum × ranks
-        [math.ceil(b / world) for b in budgets],
+        # one plan for all ranks: the global batch is batch × accum × ranks, each rank trains its slice of it
+        budgets,
         tr.seq_len,
-        tr.batch_size * tr.grad_accum,
+        tr.batch_size * tr.grad_accum * world,
         rp.rate,
         # with a buffer of earlier tasks (replay.buffer.init), the first task replays too
         rp.include_current or replay_task_offset > 0,
@@ -515,28 +517,85 @@ def buffer_for(
     return buffer, prefetcher
 
 
-def source_for(cfg: RunConfig, streams: list, plan: StepPlan, buffer, prefetcher, replay_task_offset: int) -> MixedBatchSource:
+REMAP_RECORD = "remap.json"  # in a buffer directory: which checkpoint its shards were remapped from, to how many ranks
+
+
+def remap_buffer_for(cfg: RunConfig, out: Path, found, world: int, rank: int, log) -> dict | None:
+    """Collective: a run resumed on another number of ranks than wrote `found` (a checkpoint) — rank 0 remaps the
+    buffer's shards to this world size (`cpt.replay.remap`), the others wait. Returns this rank's shard state as of
+    the checkpoint (to load after opening the shard), None without replay.
+
+    The old shards are first rolled back to the checkpoint (their states are in the checkpoint's rank files), the
+    new ones built in a hidden directory and swapped in; the new shards' states at that moment are kept in
+    `remap/` with a `remap.json` naming the checkpoint, so resuming from that checkpoint again (after a crash, or on
+    yet another world size) starts from them. Cost: one pass over the buffer, on rank 0, once per change of world size.
+    """
+    if cfg.replay.rate <= 0:
+        return None
+    from cpt.replay.remap import remap_buffer
+    from cpt.training.checkpoint import load_state, rank_file
+
+    directory = ownership.buffer_dir(cfg, out)
+    replaced = directory.with_name(f".{directory.name}.replaced")
+    if rank == 0:
+        if not directory.exists() and replaced.exists():  # killed between the two renames below
+            replaced.rename(directory)
+        record = json.loads((directory / REMAP_RECORD).read_text()) if (directory / REMAP_RECORD).is_file() else {}
+        same = record.get("checkpoint") == found.directory.name
+        if not (same and record.get("world") == world):
+            if same:
+                states = [json.loads((directory / "remap" / f"shard-{q:03d}.meta.json").read_text()) for q in range(record["world"])]
+            else:
+                states = [load_state(found.directory / rank_file(q), mmap=True)["sources"]["buffer"] for q in range(found.world)]
+            target = directory.with_name(f".{directory.name}.remap-partial")
+            shutil.rmtree(target, ignore_errors=True)
+            remap_buffer(directory, states, target, world, ownership.global_capacity_rows(cfg), cfg.seed, log)
+            (target / "remap").mkdir()
+            for r in range(world):
+                shutil.copyfile(target / f"shard-{r:03d}.meta.json", target / "remap" / f"shard-{r:03d}.meta.json")
+            atomic.write_json(target / REMAP_RECORD, {"checkpoint": found.directory.name, "world": world, "from_world": len(states)})
+            shutil.rmtree(replaced, ignore_errors=True)
+            directory.rename(replaced)
+            target.rename(directory)
+            shutil.rmtree(replaced, ignore_errors=True)
+    distributed.barrier()
+    return json.loads((directory / "remap" / f"shard-{rank:03d}.meta.json").read_text())
+
+
+def source_for(
+    cfg: RunConfig, streams: list, plan: StepPlan, buffer, prefetcher, replay_task_offset: int, rank: int = 0, world: int = 1
+) -> MixedBatchSource:
+    """The batch source; under torchrun with replay, ranks agree on whether a step can replay over a gloo group of their own."""
     rp = cfg.replay
     names = [t.name for t in cfg.tasks]
     off = replay_task_offset
     weights = {off + names.index(n): w for n, w in rp.task_weights.items()} if rp.task_weights else None
-    return MixedBatchSource(streams, plan, buffer, prefetcher, rp.include_current, weights, off)
+    agree = None
+    if world > 1 and rp.rate > 0:
+        group = distributed.cpu_group()  # collective: every rank builds its source at the same point
+        agree = lambda ok: distributed.all_true(ok, group)  # noqa: E731
+    return MixedBatchSource(streams, plan, buffer, prefetcher, rp.include_current, weights, off, rank, world, agree)
 
 
 # ------------------------------------------------------------------ after-step hooks
-def reptile_for(cfg: RunConfig, optimizer: torch.optim.Optimizer, plan: StepPlan, sharded: bool) -> MetaUpdates | None:
+def reptile_for(cfg: RunConfig, optimizer: torch.optim.Optimizer, plan: StepPlan, sharded: bool, model=None) -> MetaUpdates | None:
     al = cfg.alignment
     if al.method != "reptile":
         return None
-    reptile = Reptile(optimizer_params(optimizer), al.k, al.beta, al.anchor_device)
-    return MetaUpdates(reptile, plan.task_ends, al.task_end_update, sharded)
+    params = optimizer_params(optimizer)
+    names = None
+    if model is not None:  # each anchor tensor's parameter name: its key in a (resharding) DCP checkpoint
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        names = [by_id[id(p)] for p in params]
+    reptile = Reptile(params, al.k, al.beta, al.anchor_device)
+    return MetaUpdates(reptile, plan.task_ends, al.task_end_update, sharded, names)
 
 
 def hooks_for(
     cfg: RunConfig, source: MixedBatchSource, meta: MetaUpdates | None, optimizer, plan: StepPlan, probe: AlignmentProbe | None
 ) -> list[AfterStepHook]:
     """The after-step hooks in the order they act (cpt.training.hooks)."""
-    hooks: list[AfterStepHook] = [source]
+    hooks: list[AfterStepHook] = [source.shared, source]  # the shared part first: it loads the cursors
     if meta is not None:
         hooks.append(meta)
     if cfg.optimizer.reset_at_task:

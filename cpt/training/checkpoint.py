@@ -7,8 +7,8 @@ A checkpoint is a directory `checkpoints/step-<N>/`:
                      counters and, unsharded, its anchor; the probe's readers)
     rank-<r>.pt      rank r: its own part — {"rng": its RNG state, <hook name>: hook.state_dict() for every
                      hook with `per_rank`} (the batch source: data positions, drawn replay rows, buffer metadata)
-    dcp/             FSDP2 only: torch distributed checkpoint, `__<r>_0.distcp` written by rank r, `.metadata` by rank 0
-    anchor-rank<r>.pt  FSDP2 only: rank r's Reptile anchor shard (the hook's `save_shard`)
+    dcp/             FSDP2 only: torch distributed checkpoint, `__<r>_0.distcp` written by rank r, `.metadata` by rank 0:
+                     model, optimizer and the Reptile anchor (DTensors, so they reshard on load)
     manifest.json    rank 0, last: {"layout": 2, "step", "world", "files": {name: sha256}, "ranks": [the
                      files rank r wrote, per rank], "bytes": [per rank], "seconds": the write time}
 
@@ -52,6 +52,7 @@ from cpt.config import CheckpointConfig
 from cpt.errors import CptError
 from cpt.training import distributed
 from cpt.training.device import rng_state, set_rng_state
+from cpt.training.parallel import dcp_extra
 
 LAYOUT = 2  # the manifest's "layout": per-rank files (1, implicit: every rank's state gathered into state.pt)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -180,6 +181,15 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
 
 
+def written_by(root: Path) -> int | None:
+    """How many ranks wrote the newest checkpoint under `root` (its manifest; not verified), None without one."""
+    for directory in reversed(list_checkpoints(root)):
+        manifest, problem = _read_manifest(directory)
+        if manifest is not None and not problem:
+            return int(manifest.get("world", 1))
+    return None
+
+
 def _read_manifest(directory: Path) -> tuple[dict | None, str | None]:
     manifest_file = directory / "manifest.json"
     if not manifest_file.is_file():
@@ -249,12 +259,26 @@ def load_state(path: Path, mmap: bool = False):
 
 
 class Found(NamedTuple):
-    """The checkpoint a resume continues from: its directory, the shared `state.pt` and this rank's `rank-<r>.pt`."""
+    """The checkpoint a resume continues from: its directory, the shared `state.pt` and this rank's `rank-<r>.pt`
+    (None when the checkpoint was written by another number of ranks: `world` says by how many)."""
 
     directory: Path
     state: dict
     own: dict | None
     seconds: float = 0.0  # verifying and loading it, on this rank
+    world: int = 1  # the number of ranks that wrote it
+
+    @property
+    def resharded(self) -> bool:
+        return self.own is None
+
+
+def checked_by(rank: int, world: int, written_by: int) -> list[int]:
+    """The writers whose files rank `rank` of `world` verifies on resume: its own, or on another world size the
+    writers q ≡ rank (mod world), so every file is checked once and no rank reads more than its share."""
+    if world == written_by:
+        return [rank]
+    return list(range(rank, written_by, world))
 
 
 def _try(directory: Path, rank: int, world: int) -> tuple[str, str | None, tuple | None]:
@@ -270,24 +294,27 @@ def _try(directory: Path, rank: int, world: int) -> tuple[str, str | None, tuple
             "exports its weights, which a new run can start from with model.init)",
             None,
         )
-    if manifest.get("world") != world:
-        return (
-            "fatal",
-            f"{directory.parent.parent}: the checkpoint was written by {manifest.get('world')} process(es); "
-            f"resume with the same number (now {world})",
-            None,
-        )
+    written_by = int(manifest.get("world", 1))
     ranks = manifest.get("ranks") or []
-    mine = ranks[rank] if rank < len(ranks) else []
+    mine = [name for q in checked_by(rank, world, written_by) if q < len(ranks) for name in ranks[q]]
     problem = _check_files(directory, mine, manifest["files"])
     if problem:
         return "skip", problem, None
     try:
         state = load_state(directory / "state.pt", mmap=True)
-        own = load_state(directory / rank_file(rank), mmap=True) if rank_file(rank) in manifest["files"] else None
+        own = None
+        if written_by == world:
+            own = load_state(directory / rank_file(rank), mmap=True) if rank_file(rank) in manifest["files"] else {}
     except CptError as err:
         return "skip", str(err), None
-    return "ok", None, (state, own)
+    if own is None and "data" not in state:
+        return (
+            "fatal",
+            f"{directory.parent.parent}: the checkpoint was written by {written_by} process(es) with a cpt that kept each rank's "
+            f"data cursor apart; resume with {written_by} (now {world})",
+            None,
+        )
+    return "ok", None, (state, own, written_by)
 
 
 def load_latest(root: Path, log=print, rank: int = 0, world: int = 1, group=None) -> Found | None:
@@ -311,7 +338,8 @@ def load_latest(root: Path, log=print, rank: int = 0, world: int = 1, group=None
             r, why = bad[0]
             log(f"warning: skipping checkpoint {directory}: {f'rank {r}: ' if world > 1 else ''}{why}")
             continue
-        return Found(directory, loaded[0], loaded[1], time.perf_counter() - t0)
+        state, own, written_by = loaded
+        return Found(directory, state, own, time.perf_counter() - t0, written_by)
     return None
 
 
@@ -400,18 +428,14 @@ class Checkpointer:
         shared, own = _host_copy(shared, {}), _host_copy(own, {})
         shards = None
         if self.parallel.sharded:
-            shards = distributed.save_sharded(self.parallel.model, self.optimizer, staged / "dcp", group=self.group, asynchronous=True)
-        self._hook_shards(hooks, staged)
+            shards = distributed.save_sharded(
+                self.parallel.model, self.optimizer, staged / "dcp", group=self.group, asynchronous=True, extra=dcp_extra(hooks)
+            )
         blocking = time.perf_counter() - t_wait
         self._pending = threading.Thread(
             target=self._background, args=(step, staged, shared, own, t0, blocking, shards), name="cpt-checkpoint", daemon=True
         )
         self._pending.start()
-
-    def _hook_shards(self, hooks: list, staged: Path) -> None:
-        for hook in hooks:
-            if hasattr(hook, "save_shard"):
-                hook.save_shard(staged, self.rank)
 
     def _background(self, *args) -> None:
         try:
@@ -426,8 +450,7 @@ class Checkpointer:
         try:  # any failure is reported to every rank below, so none is left waiting
             if hooks is not None:  # synchronous: the shards are written here
                 if self.parallel.sharded:
-                    distributed.save_sharded(self.parallel.model, self.optimizer, staged / "dcp", group=self.group)
-                self._hook_shards(hooks, staged)
+                    distributed.save_sharded(self.parallel.model, self.optimizer, staged / "dcp", group=self.group, extra=dcp_extra(hooks))
             if shards is not None:
                 shards.result()
             if shared is not None:
@@ -491,16 +514,30 @@ class Checkpointer:
         }
 
     def load(self, found: Found, hooks: list) -> Progress:
-        """Restore every part from a checkpoint `load_latest` chose; returns the progress to continue from."""
+        """Restore every part from a checkpoint `load_latest` chose; returns the progress to continue from.
+
+        Written by another number of ranks (`found.resharded`): model, optimizer and the Reptile anchor are
+        resharded (`parallel.load`), the shared parts load as always, and each hook with a per-rank state
+        continues without it (`load_resharded`: the batch source's cursors are in the shared part, its buffer
+        shard was remapped); this rank's torch RNG is seeded from (step, rank)."""
         state, own, directory = found.state, found.own, found.directory
-        if own is None:
+        if own == {}:
             raise CptError(f"{directory}: it holds no {rank_file(self.rank)}; not a resumable checkpoint of this cpt")
-        self.parallel.load(self.optimizer, state, directory)
+        progress = Progress.from_state(state["progress"])
+        self.parallel.load(self.optimizer, state, directory, hooks)
         for hook in hooks:
-            part = own.get(hook.name) if getattr(hook, "per_rank", False) else state.get(hook.name)
-            if hasattr(hook, "load_shard") and self.parallel.sharded:
-                hook.load_shard(part, directory, self.rank, load_state)
+            per_rank = getattr(hook, "per_rank", False)
+            if per_rank and found.resharded:
+                if hasattr(hook, "load_resharded"):
+                    hook.load_resharded()
+                continue
+            part = own.get(hook.name) if per_rank else state.get(hook.name)
+            if hasattr(hook, "load_shard") and self.parallel.sharded and (directory / f"anchor-rank{self.rank}.pt").is_file():
+                hook.load_shard(part, directory, self.rank, load_state)  # an FSDP2 checkpoint of an earlier cpt
             else:
                 hook.load_state_dict(part)
-        set_rng_state(own["rng"])
-        return Progress.from_state(state["progress"])
+        if found.resharded:
+            torch.manual_seed(int(np.random.SeedSequence([progress.step, self.rank, 0xC0FFEE]).generate_state(1)[0]))
+        else:
+            set_rng_state(own["rng"])
+        return progress

@@ -123,6 +123,15 @@ def cpu_group():
     return dist.new_group(backend="gloo") if active() else None
 
 
+def all_true(flag: bool, group=None) -> bool:
+    """Collective: whether `flag` holds on every rank (a MIN all-reduce of one int over `group`, a gloo group)."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
 def gather_objects(obj, group=None) -> list:
     """Every rank's (small) `obj`, in rank order, over `group` (default: the default group); a list of one without torchrun."""
     if not active():
@@ -132,24 +141,47 @@ def gather_objects(obj, group=None) -> list:
     return out
 
 
-def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory, group=None, asynchronous: bool = False):
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory, group=None, asynchronous: bool = False, extra=None):
     """Collective: every rank writes its own shards of model and optimizer state (torch distributed checkpoint).
 
+    `extra`: more named state dicts of DTensors saved with them (the Reptile anchor), resharded alike on load.
     `asynchronous`: DCP's `async_save` copies the shards to host memory, writes them in a background thread
     (over `group`, a gloo group: `cpu_group`) and returns its Future; training may change the weights meanwhile.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+    state = {"model": model_sd, "optimizer": optim_sd, **(extra or {})}
     if asynchronous:
         return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
     dcp.save(state, checkpoint_id=str(directory), process_group=group)
     return None
 
 
-def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory) -> None:
-    """Collective: read the shards written by `save_sharded` (same world size) into model and optimizer; each rank
-    reads the chunks of its own shards (DCP plans the reads from `.metadata`), never the whole checkpoint."""
+def saved_keys(directory) -> set[str]:
+    """The top-level names in a DCP checkpoint ("model", "optimizer", "anchor", …), read from its `.metadata`."""
+    meta = dcp.FileSystemReader(str(directory)).read_metadata()
+    return {k.split(".", 1)[0] for k in meta.state_dict_metadata}
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory, extra=None) -> None:
+    """Collective: read a DCP checkpoint (`save_sharded`) into model and optimizer, whatever the world size it was
+    written with and whether this model is sharded (FSDP2: each rank reads the chunks of its own shards; unsharded:
+    every rank reads the whole state). `extra`: templates to fill in place, for the names the checkpoint holds."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    have = saved_keys(directory)
+    state = {"model": model_sd, "optimizer": optim_sd, **{k: v for k, v in (extra or {}).items() if k in have}}
+    dcp.load(state, checkpoint_id=str(directory), no_dist=not active())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_whole_into_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
+    """An unsharded checkpoint (one process or DDP: `state_dict()`s of the whole model and of the optimizer) into an
+    FSDP2 model: each rank keeps its own rows of every tensor (read through the memory-mapped `state.pt`)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    optim_fqn = {
+        "state": {order[int(i)]: v for i, v in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]],
+    }
+    set_state_dict(
+        model, optimizer, model_state_dict=model_state, optim_state_dict=optim_fqn, options=StateDictOptions(full_state_dict=True)
+    )

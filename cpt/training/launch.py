@@ -11,6 +11,7 @@ starts again from step 0 with the replay buffer as it was then.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -52,9 +53,10 @@ def train(
     marker: dict = {}
     if resume:
         # the run's own saved config wins: a resumed run must be the same run
-        cfg = load_config(out / "config.yaml")
+        cfg = load_config(out / "config.yaml", resume_overrides(overrides or []))
         marker = read_marker(out)
         offset = marker.get("replay_task_offset", 0)
+        cfg = keep_global_batch(cfg, started_on(out, marker), distributed.world_info()[1], _log_main)
     else:
         offset = ownership.init_task_offset(cfg)
     run = Run(cfg, out, resume=resume, replay_task_offset=offset)  # data and model first: bad input fails before any write
@@ -75,6 +77,7 @@ def train(
             "run_id": run.run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "replay_task_offset": offset,
+            "world": run.world,  # the global batch is batch × accum × this; a resume on other ranks keeps it
             # what a resume must find again: each task's source content and the tokenizer
             "sources": {t.name: key for t, key in zip(cfg.tasks, run.source_keys)},
             "tokenizer": run.tokenizer.fingerprint,
@@ -82,6 +85,55 @@ def train(
         atomic.write_json(out / MARKER, marker, indent=1)
     distributed.barrier()
     return _run_and_close(run, out, resume)
+
+
+# what a resume may change: how the run executes, never what it trains (the saved config.yaml stays as it is)
+RESUME_KEYS = ("training.parallel", "training.compile", "training.fsdp_init", "training.dist_timeout_s", "checkpoint.async")
+
+
+def resume_overrides(overrides: list[str]) -> list[str]:
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key not in RESUME_KEYS:
+            raise CptError(
+                f"--resume continues the run with its saved config; {key} cannot change (a resume may set only {', '.join(RESUME_KEYS)})"
+            )
+    return overrides
+
+
+def _log_main(msg: str) -> None:
+    if distributed.world_info()[0] == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def started_on(out: Path, marker: dict) -> int | None:
+    """How many ranks the run started on (its marker; for runs made before it was kept, the newest checkpoint's writers)."""
+    if marker.get("world"):
+        return int(marker["world"])
+    return ckpt.written_by(out / "checkpoints")
+
+
+def keep_global_batch(cfg: RunConfig, started: int | None, world: int, log=print) -> RunConfig:
+    """The config a resume on `world` ranks trains with: the global batch the run started with (training.batch_size ×
+    grad_accum × `started`) split over `world` ranks — the micro-batch kept where it divides the rows per rank, else the
+    largest micro-batch below it that does, the accumulation making up the rest. The saved config.yaml is unchanged."""
+    tr = cfg.training
+    if not started or started == world:
+        return cfg
+    total = tr.batch_size * tr.grad_accum * started
+    if total % world:
+        raise CptError(
+            f"training: the run's global batch is {total} sequences ({tr.batch_size} × {tr.grad_accum} × {started} ranks), "
+            f"which {world} ranks cannot share evenly; resume on a number of ranks that divides {total}"
+        )
+    per_rank = total // world
+    micro = max(m for m in range(1, min(tr.batch_size, per_rank) + 1) if per_rank % m == 0)
+    accum = per_rank // micro
+    log(
+        f"resuming on {world} rank(s) (started on {started}): the global batch stays {total} sequences — "
+        f"{micro} per micro-batch × {accum} micro-batch(es) per rank (was {tr.batch_size} × {tr.grad_accum})"
+    )
+    return cfg.model_copy(update={"training": tr.model_copy(update={"batch_size": micro, "grad_accum": accum})})
 
 
 def _check_same_data(run: Run, marker: dict, out: Path) -> None:

@@ -65,7 +65,7 @@ class Run:
         self.replay_task_offset = replay_task_offset
         self.plan = build.plan_for(cfg, budgets, self.world, replay_task_offset)
         self.optimizer = optimizer_for(self.model, cfg.optimizer, cfg.training.lr, self.device)
-        self.meta = build.reptile_for(cfg, self.optimizer, self.plan, self.parallel.sharded)
+        self.meta = build.reptile_for(cfg, self.optimizer, self.plan, self.parallel.sharded, self.model)
         self.evaluator = Evaluator(self.tasks, cfg.training, self.parallel, self.tokenizer.eos_id, self.rank, self.world, log)
         self.progress = ckpt.Progress()
         self.checkpointer = ckpt.Checkpointer(
@@ -80,7 +80,9 @@ class Run:
         self.buffer, self.prefetcher = build.buffer_for(
             cfg, self.out, self.run_id, self.rank, self.world, self.tokenizer.vocab_size, self.resume, self.log, self.tasks
         )
-        self.source = build.source_for(cfg, self.streams, self.plan, self.buffer, self.prefetcher, self.replay_task_offset)
+        self.source = build.source_for(
+            cfg, self.streams, self.plan, self.buffer, self.prefetcher, self.replay_task_offset, self.rank, self.world
+        )
         self.probe = build.probe_for(
             cfg, self.model, self.tasks, self.rank, self.world, self.plan, self.autocast_dtype, self.is_main, self.source
         )
@@ -141,7 +143,13 @@ class Run:
     def run(self, resumed: ckpt.Found | None = None) -> dict:
         """Train to the summary; `resumed`: the checkpoint `checkpoint.load_latest` chose, to continue from."""
         self.t_start = time.perf_counter()
+        remapped = None
+        if resumed is not None and resumed.resharded:
+            self.log(f"resuming {resumed.directory.name}, written by {resumed.world} rank(s), on {self.world}")
+            remapped = build.remap_buffer_for(self.cfg, self.out, resumed, self.world, self.rank, self.log)  # collective
         self._make_source()
+        if remapped is not None and self.buffer is not None:
+            self.buffer.load_state_dict(remapped)  # the shard as remapped from the checkpoint
         resumed_step = resumed.state["progress"]["step"] if resumed is not None else None
         offset = resumed.state["progress"]["metrics_offset"] if resumed is not None else None
         self.metrics = open_metrics(self.out, self.is_main, self.cfg.logging.tensorboard, resumed_step, offset)
@@ -265,10 +273,9 @@ class Run:
         self.save_hf_checkpoint(self.out / "checkpoints" / "final")
         stats = self.source.stats
         wall = p.wall_seconds + (time.perf_counter() - self.t_start)
-        # every rank trains the same number of new and replayed rows per step
-        tokens = {
-            "new": int(sum(stats.new_rows)) * cfg.training.seq_len * self.world,
-            "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len * self.world,
+        tokens = {  # the statistics count the global batch's rows
+            "new": int(sum(stats.new_rows)) * cfg.training.seq_len,
+            "replay": int(sum(stats.replay_rows)) * cfg.training.seq_len,
         }
         per_token = flops.flops_per_token(self.shape, cfg.training.seq_len)
         probe_seconds = self.probe.seconds if self.probe else 0.0
@@ -349,7 +356,7 @@ def _agree_on_device(loss: torch.Tensor, stop: bool, world: int) -> tuple[float,
 
     [loss, stop] is one float64 tensor on the loss's device (the flag filled by a kernel, not copied
     from the host), summed over the ranks by one all-reduce, and read back once with `tolist`:
-    every rank takes the same NaN and stop decisions, as `signals.agree` does for host floats.
+    every rank takes the same NaN and stop decisions.
     """
     packed = torch.stack([loss, loss.new_full((), float(stop))])
     if world > 1:

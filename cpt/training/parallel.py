@@ -7,14 +7,15 @@ as the strategy needs). What differs between the strategies lives here and nowhe
 
 - `wrap(model, compile)`: one process runs the loss module as it is; DDP wraps the loss module (it
   reduces the gradients of what it runs, so the fused loss and a compiled decoder body stay on);
-  FSDP2 shards each decoder layer and the root (`fully_shard`), compiling each layer first; the
+  FSDP2 shards each decoder layer and the root (`fully_shard`), compiling each layer first, and the
+  fused loss runs inside the root's forward (`cpt.training.loss.causal_lm_loss_in_forward`); the
   model may come with its parameters on the meta device, filled once sharded (`cpt.model.MetaModel`).
 - `micro_batch(last)`: gradients are synchronised on the last micro-batch of a step only.
 - `eval_min_batches(n)`: under FSDP2 every forward is collective, so every rank runs as many
   evaluation batches as the rank with the most.
 - `full_state_dict()`: the whole weights for an HF checkpoint (gathered to rank 0 under FSDP2).
-- `save_shards` / `load`: model and optimizer state — in `state.pt` unsharded, through torch
-  distributed checkpoint (`dcp/`, one file per rank) under FSDP2.
+- `load`: model and optimizer state — written in `state.pt` unsharded, through torch distributed checkpoint
+  (`dcp/`, one file per rank) under FSDP2 — read from either into any strategy at any world size (DCP reshards).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cpt.errors import CptError
 from cpt.training import distributed
 from cpt.training.loss import NextTokenLoss, supports_fused_loss
 
@@ -79,19 +79,19 @@ class OneProcess:
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
         return optimizer.state_dict()
 
-    def save_shards(self, optimizer: torch.optim.Optimizer, staged: Path) -> None:
-        """Collective under FSDP2: each rank writes its shards into `staged`; nothing to do otherwise."""
-
     def close(self) -> None:
         """Release what holds the process group (before `distributed.shutdown`)."""
 
-    def load(self, optimizer: torch.optim.Optimizer, state: dict, directory: Path) -> None:
-        if state["model"] is None:
-            raise CptError(
-                f"{directory}: an FSDP2 (training.parallel: fsdp) checkpoint; resume with the training.parallel it was written with"
-            )
-        self.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    def load(self, optimizer: torch.optim.Optimizer, state: dict, directory: Path, hooks=()) -> None:
+        """Model and optimizer (and the hooks' DCP parts) from any checkpoint: unsharded from `state.pt`; sharded
+        (FSDP2, any world size) through DCP, which reshards — so DDP, FSDP2 and one process resume each other's runs."""
+        if (directory / "dcp").is_dir():
+            distributed.load_sharded(self.model, optimizer, directory / "dcp", dcp_extra(hooks, for_load=True))
+        elif self.sharded:
+            distributed.load_whole_into_shards(self.model, optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
 
 
 class DataParallel(OneProcess):
@@ -125,7 +125,8 @@ class FullySharded(OneProcess):
         distributed.shard_model(model, mixed_bf16=self.autocast_dtype is not None, compile_layers=compile_)
         if compile_:
             self.compiled.append(f"{len(distributed.decoder_layers(model))} decoder layers, each before FSDP2 sharding")
-        # the root's hooks gather lm_head only when the whole model is called: the plain loss path
+        # the root's hooks gather lm_head and reduce its gradient only when the whole model runs: the fused,
+        # chunked loss is computed inside the root's forward and returned as its output (causal_lm_loss_in_forward)
         self.train_module = NextTokenLoss(model)
         return self.train_module
 
@@ -145,13 +146,15 @@ class FullySharded(OneProcess):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
         return None
 
-    def save_shards(self, optimizer: torch.optim.Optimizer, staged: Path) -> None:
-        distributed.save_sharded(self.model, optimizer, staged / "dcp")
 
-    def load(self, optimizer: torch.optim.Optimizer, state: dict, directory: Path) -> None:
-        if state["model"] is not None:
-            raise CptError(f"{directory}: an unsharded checkpoint; resume with the training.parallel it was written with")
-        distributed.load_sharded(self.model, optimizer, directory / "dcp")
+def dcp_extra(hooks, for_load: bool = False) -> dict:
+    """The hooks' state that travels in the DCP checkpoint (name -> state dict of DTensors): the Reptile anchor under FSDP2."""
+    out = {}
+    for hook in hooks:
+        part = hook.dcp_state(for_load) if hasattr(hook, "dcp_state") else None
+        if part:
+            out[hook.name] = part
+    return out
 
 
 def parallel_for(parallel: str, world: int, device: torch.device, autocast_dtype: torch.dtype | None) -> OneProcess:

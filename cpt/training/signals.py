@@ -21,10 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from cpt.training import distributed
-
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume with --resume
 REPEAT_WINDOW_S = 2.0  # a second signal sooner than this after the first is the same request, delivered twice
 
@@ -78,11 +74,3 @@ class StopOnSignal:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-def agree(loss: float, stop: bool, world: int, device: torch.device) -> tuple[float, bool]:
-    """(the global mean loss, whether any rank was signalled): one all-reduce, so every rank takes the same NaN and stop decisions."""
-    if world <= 1:
-        return loss, stop
-    total, flag = distributed.all_reduce_sum([loss, float(stop)], device)
-    return total / world, flag > 0
