@@ -23,6 +23,7 @@ examples:
   cpt train examples/tiny.yaml --out runs/tiny
   cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6 --out runs/a
   cpt prepare run.yaml --workers 8           tokenize the tasks once, in parallel and resumably
+  cpt train de.yaml --extend runs/en-fr --out runs/en-fr-de   continue a finished run with new tasks
   cpt train --resume runs/a                  continue from the latest checkpoint (on any number of ranks;
                                              training.parallel=fsdp and other execution settings may change)
   cpt eval runs/a                            re-evaluate checkpoints/final on every task
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", nargs="?", const="", default=None, help="continue RUN_DIR (or --out) from its latest checkpoint"
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    t.add_argument(
+        "--extend",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the finished RUN_DIR with the config's tasks into --out (RUN_DIR is only read; see docs/extend.md)",
+    )
 
     pr = sub.add_parser(
         "prepare",
@@ -182,7 +189,9 @@ def _cmd_train(args) -> int:
             raise CptError("cpt train: a config file is required (or --resume RUN_DIR)")
         tokens.remove(config)
         out = args.out or str(Path("runs") / Path(config).stem)
-        summary = train(config, out, overrides=tokens, overwrite=args.overwrite)
+        if args.extend is not None and not args.out:
+            raise CptError("--extend needs --out: the extended run goes into a new directory (the earlier one is only read)")
+        summary = train(config, out, overrides=tokens, overwrite=args.overwrite, extend=args.extend)
         run_dir = out
     print(json.dumps({k: summary[k] for k in ("loss_matrix", "forgetting_score", "learned_loss", "avg_final_loss")}, indent=1))
     print(f"summary: {Path(run_dir) / 'summary.json'}")

@@ -254,10 +254,24 @@ class ScheduleConfig(Section):
     constant_lr: Real | None = Field(None, gt=0, description="infinite: the constant phase's LR (default: half the peak).")
     anneal: Real = Field(0.05, ge=0, lt=1, description="infinite: fraction of all steps for the final anneal.")
     decay: Real = Field(0.2, ge=0, le=1, description="wsd: fraction of all steps for the final linear decay.")
+    warmup_steps: Count | None = Field(
+        None,
+        ge=0,
+        description="Warmup in optimizer steps instead of the `warmup` fraction (per task for rewarm): a schedule whose "
+        "phases are steps does not depend on the run's length, so a run that uses it can be extended (`--extend`).",
+    )
+    cooldown_steps: Count | None = Field(
+        None, ge=0, description="infinite: the cooldown in optimizer steps instead of the `cooldown` fraction (see warmup_steps)."
+    )
 
     @model_validator(mode="after")
     def _phases_fit(self) -> ScheduleConfig:
-        if self.name == "infinite" and self.warmup + self.cooldown + self.anneal >= 1:
+        if (
+            self.name == "infinite"
+            and self.warmup_steps is None
+            and self.cooldown_steps is None
+            and self.warmup + self.cooldown + self.anneal >= 1
+        ):
             raise ValueError("schedule.warmup + schedule.cooldown + schedule.anneal must be < 1")
         if self.name == "wsd" and self.warmup + self.decay > 1:
             raise ValueError("schedule.warmup + schedule.decay must be <= 1")
@@ -303,6 +317,94 @@ class BufferConfig(Section):
         return self
 
 
+class GenerateConfig(Section):
+    """Sampling a replay source from the model itself, as it is before task 0 (`replay.sources.N.generate`)."""
+
+    tokens: Count = Field(
+        ...,
+        gt=0,
+        description="Tokens to sample: ⌈tokens / seq_len⌉ sequences, each the start token (the model's BOS, else the "
+        "tokenizer's EOS) and seq_len sampled tokens (HF `generate` with the KV cache; EOS does not stop a sequence).",
+    )
+    temperature: Real = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: Real = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: all)."
+    )
+    seed: Count = Field(
+        0,
+        ge=0,
+        description="Seed of the sampling: batch b of the source's sequences is sampled under a seed made of (seed, b), so a "
+        "fixed seed gives the same sequences on any number of ranks (on one kind of device).",
+    )
+    batch_size: Count = Field(16, ge=1, description="Sequences sampled together.")
+
+
+class ReplaySourceConfig(Section):
+    """A corpus that is not a task (e.g. a stand-in for a pretrained model's own data): prepared like a task, its training
+    rows fill the buffer before task 0 and its held-out loss is evaluated with the tasks'. Or sequences sampled from the
+    model before task 0 (`generate`), which have no held-out split."""
+
+    name: str = Field(..., min_length=1, description="Its name in the summary and the report (unique among tasks and sources).")
+    path: str | list[str] | None = Field(
+        None, description="Its data, as `tasks.N.path` (file, directory, glob or a list). Give `path` or `generate`."
+    )
+    tokens: Count | None = Field(
+        None,
+        gt=0,
+        description="With `path`: training tokens of it that fill the buffer before task 0: ⌈tokens / seq_len⌉ distinct "
+        "sequences of its training split (never its held-out documents), stored under a task id before the run's tasks, so "
+        "every task replays them. A split with fewer sequences is refused. (With `generate`: `generate.tokens`.)",
+    )
+    generate: GenerateConfig | None = Field(
+        None,
+        description="Instead of `path`: sequences sampled from the model as it is before task 0 (e.g. `{tokens: 2e6, top_p: "
+        "0.95}`), stored in the buffer like a corpus's rows; no held-out column. Not under `training.parallel: fsdp`.",
+    )
+    weight: Real | None = Field(
+        None,
+        gt=0,
+        description="Its replay weight, as a `replay.task_weights` entry for its name. Without `replay.task_weights` every task "
+        "(and every source without a weight) then weighs 1; with it, names it does not list weigh 0.",
+    )
+    format: _FORMATS = Field("auto", description="As `tasks.N.format`.")
+    dtype: Literal["uint16", "uint32"] | None = Field(None, description="As `tasks.N.dtype`.")
+    text_field: str = Field("text", description="As `tasks.N.text_field`.")
+    val_fraction: Real = Field(
+        0.05, gt=0, lt=0.5, description="As `tasks.N.val_fraction`: its held-out documents, evaluated like a task's."
+    )
+    documents: Literal["auto", "blank-lines", "lines"] = Field("auto", description="As `tasks.N.documents`.")
+
+    _path = field_validator("path")(classmethod(lambda cls, v: _check_path(v)))
+
+    @model_validator(mode="after")
+    def _path_or_generate(self) -> ReplaySourceConfig:
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give `path` (a corpus) or `generate` (sampled from the model), not both and not neither")
+        if self.path is not None and self.tokens is None:
+            raise ValueError("tokens: how many of its training tokens fill the buffer (required with `path`)")
+        if self.generate is not None and self.tokens is not None:
+            raise ValueError("tokens: with `generate` the budget is `generate.tokens`")
+        return self
+
+    @property
+    def fill_tokens(self) -> int:
+        """The tokens it fills the buffer with: `tokens`, or `generate.tokens`."""
+        return self.generate.tokens if self.generate is not None else self.tokens
+
+    def as_task(self) -> TaskConfig:
+        """The source as a single-corpus task: what is prepared (its own cache entry, through the tasks' code path)."""
+        return TaskConfig(
+            name=self.name,
+            path=self.path,
+            tokens=self.tokens,
+            format=self.format,
+            dtype=self.dtype,
+            text_field=self.text_field,
+            val_fraction=self.val_fraction,
+            documents=self.documents,
+        )
+
+
 class ReplayConfig(Section):
     rate: Real = Field(0.0, ge=0, lt=1, description="α: fraction of every batch drawn from the replay buffer (0: no replay).")
     include_current: bool = Field(False, description="Also replay the current task's earlier sequences.")
@@ -311,6 +413,29 @@ class ReplayConfig(Section):
     )
     prefetch: bool = Field(True, description="Read replay rows in a background thread ahead of the step.")
     buffer: BufferConfig = Field(default_factory=BufferConfig)
+    sources: list[ReplaySourceConfig] = Field(
+        [],  # pydantic copies a mutable default per instance
+        description="Corpora that are not tasks (e.g. `[{name: web-en, path: en-sample.jsonl, tokens: 2e6}]`, a proxy for a "
+        "pretrained model's own data): each is prepared like a task, `tokens` of its training split fill the buffer before "
+        "task 0 (under task ids before the run's, after `buffer.init`'s), so the first task replays them too, and its held-out "
+        "loss is evaluated at every evaluation (summary.json `replay_sources`). Needs `rate` > 0.",
+    )
+
+    @model_validator(mode="after")
+    def _sources_need_replay(self) -> ReplayConfig:
+        if self.sources and self.rate <= 0:
+            raise ValueError("replay.sources: they are replayed, so replay.rate must be > 0 (or remove replay.sources)")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"replay.sources: names must be unique, got {names}")
+        if self.buffer.store == "refs" and any(s.generate is not None for s in self.sources):
+            raise ValueError(
+                "replay.buffer.store: refs points into prepared token files, which a generated replay source has none of; use store: rows"
+            )
+        both = sorted(s.name for s in self.sources if s.weight is not None and s.name in (self.task_weights or {}))
+        if both:
+            raise ValueError(f"replay.sources: {both} weighed twice (a source's `weight` and replay.task_weights); give one")
+        return self
 
     @model_validator(mode="after")
     def _fifo_keeps_earlier_tasks(self) -> ReplayConfig:
@@ -345,6 +470,22 @@ class AlignmentConfig(Section):
         0, ge=0, description="Measure gradient cosine between the current task and earlier tasks every N steps (0: off)."
     )
     probe_batch_size: Count = Field(2, ge=1, description="Sequences per probe batch.")
+
+
+class MergeConfig(Section):
+    """Weight merging at task ends (cpt.alignment.merge): a baseline against forgetting that needs no replayed data."""
+
+    enabled: bool = Field(
+        False,
+        description="At every task end interpolate the weights toward a reference: θ ← (1 − λ)·θ_ref + λ·θ (WiSE-FT / model "
+        "merging); every loss-matrix row and task checkpoint holds the merged weights.",
+    )
+    lam: Real = Field(0.5, gt=0, le=1, description="λ, the weight kept from the task just trained; 1 is plain training.")
+    toward: Literal["previous", "initial"] = Field(
+        "previous",
+        description="θ_ref: `previous`, the merged weights of the previous task end (the step-0 model before the first); "
+        "`initial`, the step-0 model at every task end.",
+    )
 
 
 class CheckpointConfig(Section):
@@ -382,6 +523,7 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -390,12 +532,39 @@ class RunConfig(Section):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: task names must be unique, got {names}")
+        sources = [s.name for s in self.replay.sources]
+        if set(sources) & set(names):
+            raise ValueError(f"replay.sources: {sorted(set(sources) & set(names))} also name a task; give sources names of their own")
+        b, seq = self.replay.buffer, self.training.seq_len
+        fill = sum(math.ceil(s.fill_tokens / seq) for s in self.replay.sources)
+        if fill and b.capacity != "all" and (b.capacity // seq if b.capacity_unit == "tokens" else b.capacity) < fill:
+            raise ValueError(
+                f"replay.buffer.capacity: {b.capacity} {b.capacity_unit} hold fewer than the {fill} sequences of replay.sources' "
+                "tokens, so the fill would evict part of itself; raise the capacity or lower replay.sources.N.tokens"
+            )
         if self.replay.task_weights:
-            unknown = sorted(set(self.replay.task_weights) - set(names))
+            unknown = sorted(set(self.replay.task_weights) - set(names) - set(sources))
             if unknown:
-                raise ValueError(f"replay.task_weights: unknown task(s) {unknown}; tasks are {names}")
+                raise ValueError(
+                    f"replay.task_weights: unknown task(s) {unknown}; tasks are {names}"
+                    + (f", replay sources {sources}" if sources else "")
+                )
         if self.training.strategy == "joint" and self.replay.rate > 0:
             raise ValueError("replay.rate: joint training sees all tasks at once; replay must be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _merge_checks(self) -> RunConfig:
+        """Merging needs task ends to merge at, and Reptile's anchor would pull the weights back past a merge."""
+        if not self.merge.enabled:
+            return self
+        if self.training.strategy == "joint":
+            raise ValueError("merge.enabled: joint training has no task ends between tasks to merge at; use strategy sequential")
+        if self.alignment.method != "none":
+            raise ValueError(
+                "merge.enabled: not with alignment.method reptile (its anchor, the unmerged weights, would pull the next "
+                "meta-update back past the merge); use one or the other"
+            )
         return self
 
     @property
@@ -479,6 +648,9 @@ def resolve_paths(data: dict, base: Path) -> dict:
                 data[section] = fix(data[section])
         elif isinstance(data.get(section), dict) and key in data[section]:
             data[section][key] = fix(data[section][key])
+    replay_sources = (data.get("replay") or {}).get("sources") if isinstance(data.get("replay"), dict) else None
+    for source in replay_sources if isinstance(replay_sources, list) else []:
+        fix_task_path(source)
     buf = (data.get("replay") or {}).get("buffer") if isinstance(data.get("replay"), dict) else None
     if isinstance(buf, dict):
         for key in ("dir", "init"):
@@ -575,6 +747,16 @@ def reference_markdown() -> str:
             if sub is not None:
                 nested.append((sub, f"{prefix}{name}."))
                 continue
+            item = typing.get_args(ann)[0] if typing.get_origin(ann) is list and typing.get_args(ann) else None
+            if isinstance(item, type) and issubclass(item, BaseModel):  # a list of sections (replay.sources): its keys too
+                nested.append((item, f"{prefix}{name}.N."))
+            optional = (
+                [a for a in typing.get_args(ann) if a is not type(None)]
+                if typing.get_origin(ann) in (typing.Union, types.UnionType)
+                else []
+            )
+            if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], BaseModel):  # an optional section
+                nested.append((optional[0], f"{prefix}{name}."))
             default = "required" if field.is_required() else repr(field.default)
             typ = _type_name(ann)
             desc = field.description or ""

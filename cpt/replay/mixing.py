@@ -73,6 +73,18 @@ class StepPlan:
     replay_rows: list[int]
     task_ends: list[int]
     rows_per_step: int
+    rate: float = 0.0
+
+    def replay_at(self, step: int) -> int:
+        """Replayed rows planned at `step`; past the plan's end, those of the first steps of one more task (what an
+        extension of the run would replay there: a later task always replays)."""
+        if step < self.total_steps:
+            return self.replay_rows[step]
+        return replay_count(step - self.total_steps, self.rows_per_step, self.rate)
+
+    def task_at(self, step: int) -> int:
+        """The task `step` trains; past the plan's end, the next task's index."""
+        return self.task_of_step[step] if step < self.total_steps else len(self.task_ends)
 
     @classmethod
     def build(cls, budgets: list[int], seq_len: int, rows_per_step: int, rate: float, replay_first_task: bool) -> StepPlan:
@@ -85,7 +97,7 @@ class StepPlan:
                 in_task.append(s)
                 replay.append(replay_count(s, rows_per_step, r))
             ends.append(len(task_of))
-        return cls(task_of, in_task, replay, ends, rows_per_step)
+        return cls(task_of, in_task, replay, ends, rows_per_step, rate)
 
     @property
     def total_steps(self) -> int:
@@ -156,7 +168,8 @@ class _SharedState:
             return
         for s, st in zip(src.streams, state["streams"]):
             s.load_state_dict(st)
-        src.stats = ReplayStats([int(n) for n in state["stats"]["new_rows"]], [int(n) for n in state["stats"]["replay_rows"]])
+        pad = [0] * (len(src.plan.task_ends) - len(state["stats"]["new_rows"]))  # an extended run has more tasks
+        src.stats = ReplayStats([int(n) for n in state["stats"]["new_rows"]] + pad, [int(n) for n in state["stats"]["replay_rows"]] + pad)
         src.called_off = {int(s) for s in state["called_off"]}
         src.loaded_shared = True
 
@@ -220,7 +233,7 @@ class MixedBatchSource:
 
     def replay_counts(self, step: int) -> np.ndarray:
         """Replayed rows per rank at `step` (zeros where the replay was called off)."""
-        total = 0 if step in self.called_off else self.plan.replay_rows[step]
+        total = 0 if step in self.called_off else self.plan.replay_at(step)
         return replay_split(total, self.world, step)
 
     def _draw(self, step: int) -> None:
@@ -229,12 +242,16 @@ class MixedBatchSource:
         The rows are the buffer's contents at draw time on both paths (prefetched or not), so a
         run is the same with prefetch on or off, and a checkpoint stores drawn rows, not slots.
         Every rank draws the same steps (the plan's), so the agreement below pairs up.
+
+        The look-ahead runs past the plan's end too, for the first steps of one more task: those rows are in the
+        run's last checkpoint, so a run extended with more tasks (`--extend`) replays exactly what a run planned
+        with them from the start drew at that point (the buffer as it was then, the same generator state).
         """
-        if step >= self.plan.total_steps or step in self.pending or step in self.ready or self.buffer is None:
+        if step >= self.plan.total_steps + self.LOOKAHEAD or step in self.pending or step in self.ready or self.buffer is None:
             return
-        if self.plan.replay_rows[step] == 0:
+        if self.plan.replay_at(step) == 0:
             return
-        task = self.plan.task_of_step[step]
+        task = self.plan.task_at(step)
         eligible = self._eligible(task)
         ok = bool(eligible)
         if self.agree is not None:

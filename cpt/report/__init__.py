@@ -112,6 +112,24 @@ class Run:
         v = self.summary.get(key)
         return float(v) if _is_number(v) else None
 
+    @property
+    def replay_sources(self) -> dict[str, dict[str, Any]]:
+        """summary.json `replay_sources` (corpora replayed but not trained as tasks), the entries that hold losses."""
+        rs = self.summary.get("replay_sources")
+        if not isinstance(rs, dict):
+            return {}
+        return {n: v for n, v in rs.items() if isinstance(v, dict) and isinstance(v.get("after_task"), list)}
+
+    @property
+    def source_colors(self) -> dict[str, Any]:
+        """Replay source curve label -> colour, after the tasks' colours."""
+        return {f"{n} (replay source)": plots.color(len(self.tasks) + i) for i, n in enumerate(self.replay_sources)}
+
+    def source_forgetting(self) -> float | None:
+        """Mean over the replay sources of final − initial held-out loss: how much of the original domain was lost."""
+        values = [v["forgetting"] for v in self.replay_sources.values() if _is_number(v.get("forgetting"))]
+        return sum(values) / len(values) if values else None
+
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)  # JSON true is not 1
@@ -224,10 +242,12 @@ def _tokens(n: Any) -> str:
 
 def _table(runs: list[Run]) -> Table:
     with_meta = any("meta_updates" in r.summary for r in runs)
+    with_sources = any(r.replay_sources for r in runs)
     header = [
         "run",
         "strategy",
         *(c.long for c in METRICS),
+        *(["replay-source forgetting"] if with_sources else []),
         "tokens new / replay",
         *(["meta-updates"] if with_meta else []),
         "wall time (s)",
@@ -242,12 +262,13 @@ def _table(runs: list[Run]) -> Table:
                 r.name,
                 str(r.summary.get("strategy", "—")),
                 *(r.metric(c.key) for c in METRICS),  # numbers: the renderer bolds the best
+                *([r.source_forgetting()] if with_sources else []),
                 f"{_tokens(tok.get('new'))} / {_tokens(tok.get('replay', 0))}",
                 *([str(meta) if meta is not None else "—"] if with_meta else []),
                 "—" if wall is None else f"{wall:.1f}",
             ]
         )
-    return Table(header, rows, frozenset(range(2, 2 + len(METRICS))))
+    return Table(header, rows, frozenset(range(2, 2 + len(METRICS) + with_sources)))
 
 
 def _details(r: Run) -> str:
@@ -304,6 +325,58 @@ def _downstream_blocks(r: Run) -> list[Block]:
     ]
 
 
+REPLAY_SOURCES_HOW_TO_READ = (
+    "Replay sources (`replay.sources`) are corpora that are replayed but never trained as tasks, e.g. a stand-in for a "
+    "pretrained model's own data. Their held-out loss is shown beside the loss matrix in columns marked *replay source*; "
+    "the metrics above are computed on the tasks only. Replay-source forgetting `= final − initial` held-out loss (before "
+    "any training), averaged over the sources: positive means the original domain got worse."
+)
+
+
+def _replay_source_blocks(r: Run) -> list[Block]:
+    """The run's replay sources: held-out loss before training and after each task, and its forgetting (final − initial)."""
+    every = r.summary.get("replay_sources") if isinstance(r.summary.get("replay_sources"), dict) else {}
+    generated = [
+        f"`{n}`: {_tokens(v['generated'].get('tokens'))} tokens sampled from the model before the first task (temperature "
+        f"{v['generated'].get('temperature')}, top_p {v['generated'].get('top_p')}, seed {v['generated'].get('seed')})"
+        + (f", {v['generated']['tokens_per_second']:,.0f} tokens/s" if _is_number(v["generated"].get("tokens_per_second")) else "")
+        for n, v in every.items()
+        if isinstance(v, dict) and isinstance(v.get("generated"), dict)
+    ]
+    blocks: list[Block] = [Para("Generated replay sources (no held-out split): " + "; ".join(generated) + ".")] if generated else []
+    rs = r.replay_sources
+    if not rs:
+        return blocks
+    ends = max(len(v["after_task"]) for v in rs.values())
+    after = [f"after {t}" for t in r.tasks[:ends]] + [f"after task {i}" for i in range(len(r.tasks), ends)]
+
+    def num(v: Any) -> float | None:
+        return float(v) if _is_number(v) else None
+
+    rows = []
+    for name, v in rs.items():
+        fill = v.get("fill") if isinstance(v.get("fill"), dict) else {}
+        cells = [num(x) for x in v["after_task"]] + [None] * (ends - len(v["after_task"]))
+        kept = v.get("stored_at_end")
+        rows.append(
+            [
+                f"{name} (replay source)",
+                num(v.get("initial")),
+                *cells,
+                num(v.get("forgetting")),
+                f"{_tokens(fill.get('tokens'))} / {kept if _is_number(kept) else '—'}",
+            ]
+        )
+    return blocks + [
+        Para(
+            "Held-out loss of the replay sources, which are replayed from the first step but never trained as tasks: "
+            "before any training, after each task, and their forgetting (final − initial). The last column is the tokens "
+            "that filled the buffer before the first task and how many of those sequences it still held at the end."
+        ),
+        Table(["replay source", "before training", *after, "forgetting (final − initial)", "tokens filled / sequences left"], rows),
+    ]
+
+
 def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> dict[str, Path]:
     """Write report.md, report.html and the PNG figures for `run_dirs` into `out`.
 
@@ -332,6 +405,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
         _table(runs),
         Heading("How to read this"),
         *(b if isinstance(b, Bullets) else Para(b) for b in HOW_TO_READ),
+        *([Para(REPLAY_SOURCES_HOW_TO_READ)] if any(r.replay_sources for r in runs) else []),
         Heading("Strategy comparison"),
         figure(
             "compare.png",
@@ -366,6 +440,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
 
     # One colour scale for all heatmaps, so the same colour means the same loss in every run.
     losses = [v for r in runs for row in r.matrix for v in row if not math.isnan(v)]
+    losses += [float(x) for r in runs for v in r.replay_sources.values() for x in v["after_task"] if _is_number(x)]
     vrange = (min(losses), max(losses)) if losses else None
     blocks.append(Heading("Runs"))
     slugs: set[str] = set()
@@ -386,10 +461,15 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
                 r.row_labels,
                 f"{r.name}: loss matrix",
                 vrange,
+                replay_sources={n: v["after_task"] for n, v in r.replay_sources.items()} or None,
             ),
         ]
+        blocks += _replay_source_blocks(r)
         blocks += _downstream_blocks(r)
-        if curves := _series(r.evals, "losses", r.tasks):
+        curves = _series(r.evals, "losses", r.tasks)
+        with_sources = [e for e in r.evals if isinstance(e.get("replay_sources"), dict)]
+        curves |= {f"{k} (replay source)": v for k, v in _series(with_sources, "replay_sources", []).items()}
+        if curves:
             blocks.append(
                 figure(
                     f"curves_{slug}.png",
@@ -400,7 +480,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
                     "validation loss",
                     r.boundaries,
                     r.segment_labels,
-                    r.task_colors,
+                    {**r.task_colors, **r.source_colors},
                 )
             )
         else:

@@ -42,12 +42,21 @@ def loss_heatmap(
     row_labels: Sequence[str],
     title: str,
     vrange: tuple[float, float] | None = None,
+    replay_sources: Mapping[str, Sequence[float | None]] | None = None,
 ) -> Path:
     """Heatmap of L[i][j] (rows: after training task i, columns: loss on task j), annotated.
 
     `vrange` lets the caller share one colour scale across runs so colours compare between them.
+    `replay_sources` ({name: loss after each task}) adds one column per replay source after the tasks',
+    labelled "(replay source)" and set apart by a line: not part of the matrix its metrics are computed on.
     """
     m = np.asarray(matrix, dtype=float)
+    n_tasks = len(tasks)
+    if replay_sources:
+        cols = [[np.nan if v is None else float(v) for v in list(vals)[: m.shape[0]]] for vals in replay_sources.values()]
+        extra = np.array([c + [np.nan] * (m.shape[0] - len(c)) for c in cols], dtype=float).T
+        m = np.hstack([m, extra])
+        tasks = [*tasks, *(f"{n}\n(replay source)" for n in replay_sources)]
     fig = Figure(
         figsize=(1.0 * len(tasks) + 2.6, 0.6 * len(row_labels) + 1.9),
         layout="constrained",
@@ -77,7 +86,9 @@ def loss_heatmap(
             va="center",
             color="white" if dark else "black",
         )
-    if m.shape[0] == m.shape[1] > 1:
+    if replay_sources:
+        ax.axvline(n_tasks - 0.5, color="white", lw=4)
+    if m.shape[0] == n_tasks > 1:
         # Outline the diagonal: the loss on each task right after learning it.
         for i in range(m.shape[0]):
             ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.5))

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from cpt import atomic
+from cpt.alignment.merge import TaskEndMerge
 from cpt.alignment.probe import AlignmentProbe
 from cpt.alignment.reptile import MetaUpdates, Reptile, optimizer_params
 from cpt.config import RunConfig, TaskConfig
@@ -44,6 +45,7 @@ from cpt.data.tokens import TaskTokens, check_token_range, prepare_for, split_do
 from cpt.errors import CptError
 from cpt.model import NotReplayable, enable_activation_checkpointing, meta_model_for, model_for
 from cpt.replay import ownership
+from cpt.replay import sources as replay_sources
 from cpt.replay.buffer import ReplayBuffer, copy_shard, remove_shard
 from cpt.replay.mixing import MixedBatchSource, StepPlan
 from cpt.replay.prefetch import ReplayPrefetcher
@@ -158,7 +160,8 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str],
     budget = int(tc.sample_mb * 1e6)
     samples: dict[int, list[str]] = {}  # texts of the tasks read while finding the key
     parts = []
-    for i, (key, t) in enumerate(zip(source_keys, cfg.tasks)):
+    corpora = replay_sources.corpora(cfg)  # the tasks, then the replay sources: a BPE learns from both alike
+    for i, (key, t) in enumerate(zip(source_keys, corpora)):
         whole = not budget or _sample_fits_whole(t, i, key, budget, cache, samples, log)
         parts.append(f"{key}:{t.val_fraction}" + ("" if whole else f":sample={budget}B"))
     settings = f"{'|'.join(parts)}|{tc.vocab_size}|{tc.min_frequency}"
@@ -166,7 +169,7 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str],
 
     def texts():
         # consumed only when the BPE is not cached yet; a task not read above (its record was cached) is read now
-        for i, t in enumerate(cfg.tasks):
+        for i, t in enumerate(corpora):
             if not budget:
                 yield from _training_documents(t, i)
                 continue
@@ -186,6 +189,8 @@ class Data:
     source_keys: list[str]  # each task's source content hash (run.json keeps them; a resume checks them)
     marker: Path | None = None  # under torchrun: the readiness marker this rank wrote (local rank 0) or read
     wrote_marker: bool = False
+    replay_sources: list[TaskTokens] | None = None  # replay.sources, prepared like tasks (cpt.replay.sources)
+    replay_source_keys: list[str] | None = None
 
 
 def settings_of(cfg: RunConfig, **changes) -> Settings:
@@ -197,13 +202,16 @@ def _prepare(cfg: RunConfig, cache: Path, log, settings: Settings | None = None)
     """Hash the sources, load or train the tokenizer, tokenize every task into the cache (each step once, then cached)."""
     # hashes each file once; warm: a stat per file
     keys = [task_key(t, cache, i) for i, t in enumerate(cfg.tasks)]
-    tokenizer = load_or_train_tokenizer(cfg, cache, keys, log)
+    extra = replay_sources.source_keys(cfg, cache)
+    tokenizer = load_or_train_tokenizer(cfg, cache, keys + extra, log)
     settings = settings or settings_of(cfg)
     tasks = [
         prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i, settings=settings)
         for i, (key, t) in enumerate(zip(keys, cfg.tasks))
     ]
-    return Data(tokenizer, tasks, keys)
+    return Data(
+        tokenizer, tasks, keys, replay_sources=replay_sources.prepare(cfg, tokenizer, cache, extra, log, settings), replay_source_keys=extra
+    )
 
 
 def prepare_config(
@@ -216,26 +224,32 @@ def prepare_config(
     use one tokenizer made before: `tokenizer.path` or model.init's; `cpt prepare --tokenizer-only` trains a BPE once and prints its path)."""
     cache = cache_root(cfg.cache_dir)
     keys = [task_key(t, cache, i) for i, t in enumerate(cfg.tasks)]
+    extra = replay_sources.source_keys(cfg, cache)
     if require_tokenizer and not cfg.tokenizer.path and not cfg.model.init:
         raise CptError(
             "tokenizer.path: the machines of a shared preparation (--world > 1) must all tokenize with one tokenizer made "
             "before; set tokenizer.path (`cpt prepare CONFIG --tokenizer-only` trains the BPE once and prints its path)"
         )
-    tokenizer = load_or_train_tokenizer(cfg, cache, keys, log)
+    tokenizer = load_or_train_tokenizer(cfg, cache, keys + extra, log)
     lines = [f"tokenizer: {tokenizer.source} (vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id}, fingerprint {tokenizer.fingerprint})"]
     if tokenizer_only:
         return lines
     lines.append(f"{'task':<12} {'documents':>10} {'train tokens':>14} {'val tokens':>12} {'max id':>7} {'shards':>6}  entry")
-    for i, (key, t) in enumerate(zip(keys, cfg.tasks)):
-        task = prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i, settings=settings)
+    prepared = [
+        (t.name, prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i, settings=settings))
+        for i, (key, t) in enumerate(zip(keys, cfg.tasks))
+    ]
+    sources = replay_sources.prepare(cfg, tokenizer, cache, extra, log, settings)
+    prepared += [(f"{s.name} (replay source)", t) for (_, s), t in zip(replay_sources.proxies(cfg), sources)]
+    for name, task in prepared:
         if task is None:
-            lines.append(f"{t.name:<12} share {settings.rank} of {settings.world} done; run `cpt prepare` once more (world 1) to finish")
+            lines.append(f"{name:<12} share {settings.rank} of {settings.world} done; run `cpt prepare` once more (world 1) to finish")
             continue
         m = task.meta
         shards = sum(len(p.meta.get("shards", [1])) for p in (task.parts or [task]))
         top = max(m.get("max_train_id", -1), m.get("max_val_id", -1))
         lines.append(
-            f"{t.name:<12} {m['documents']:>10,} {m['train_tokens']:>14,} {m['val_tokens']:>12,} {top:>7} {shards:>6}  "
+            f"{name:<12} {m['documents']:>10,} {m['train_tokens']:>14,} {m['val_tokens']:>12,} {top:>7} {shards:>6}  "
             + ", ".join(str(p.directory) for p in (task.parts or [task]))
         )
     return lines
@@ -266,6 +280,8 @@ def ready_marker(cfg: RunConfig, cache: Path) -> Path:
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
         "init": cfg.model.init,
     }
+    if cfg.replay.sources:  # only when present, so the markers of runs without sources keep their names
+        data["replay_sources"] = [s.model_dump(mode="json", exclude={"tokens", "weight"}) for s in cfg.replay.sources]
     launch = launch_id()
     digest = hashlib.sha256(json.dumps([launch, data], sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", launch.split("|")[0])[:48]
@@ -310,7 +326,13 @@ def _open_prepared(cfg: RunConfig, cache: Path, record: dict, log) -> Data:
     if (tokenizer.fingerprint, tokenizer.eos_id) != (recorded["fingerprint"], recorded["eos_id"]):
         raise CptError(f"tokenizer: {tokenizer.source} is not the tokenizer local rank 0 prepared the data with (it changed meanwhile)")
     tasks = [prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i) for i, (key, t) in enumerate(zip(keys, cfg.tasks))]
-    return Data(tokenizer, tasks, list(keys))
+    extra = list(record.get("replay_source_keys") or [])
+    if len(extra) != len(replay_sources.proxies(cfg)):
+        raise CptError(
+            f"the readiness marker names {len(extra)} replay source(s), the config {len(replay_sources.proxies(cfg))}; another config wrote it"
+        )
+    sources = replay_sources.prepare(cfg, tokenizer, cache, extra, log)
+    return Data(tokenizer, tasks, list(keys), replay_sources=sources, replay_source_keys=extra)
 
 
 def prepare_data(cfg: RunConfig, log, rank: int = 0, world: int = 1, local_rank: int = 0) -> Data:
@@ -347,6 +369,7 @@ def prepare_data(cfg: RunConfig, log, rank: int = 0, world: int = 1, local_rank:
         "source_keys": data.source_keys,
         "tokenizer": {"source": tok.source, "fingerprint": tok.fingerprint, "eos_id": tok.eos_id},
         "entries": [str(t.directory) for t in data.tasks],
+        "replay_source_keys": data.replay_source_keys or [],
     }
     atomic.write_json(marker, record, indent=1)
     data.marker, data.wrote_marker = marker, True
@@ -357,7 +380,7 @@ def agree_on_data(data: Data) -> None:
     """Once the process group has formed: every rank must hold rank 0's source keys and tokenizer (one
     small all-gather; a stale or foreign marker cannot go unnoticed); then local rank 0 removes its marker,
     which every rank of its node has read by now. A no-op in one process."""
-    views = distributed.gather_to_all([data.source_keys, data.tokenizer.fingerprint])
+    views = distributed.gather_to_all([data.source_keys, data.tokenizer.fingerprint, data.replay_source_keys or []])
     if data.wrote_marker and data.marker is not None:
         data.marker.unlink(missing_ok=True)
     for r, view in enumerate(views):
@@ -475,13 +498,19 @@ def buffer_for(
     resume: bool,
     log,
     tasks: list[TaskTokens] | None = None,
+    *,
+    replay_task_offset: int = 0,
+    sources: list[TaskTokens] | None = None,
+    fills: list[replay_sources.Fill] | None = None,
+    sample: replay_sources.Sampler | None = None,
 ) -> tuple[ReplayBuffer | None, ReplayPrefetcher | None]:
-    """This rank's buffer shard: reopened on resume; else made empty (or copied from replay.buffer.init).
+    """This rank's buffer shard: reopened on resume; else made empty (or copied from replay.buffer.init),
+    then filled with this rank's share of the replay sources' rows (`fills`, `cpt.replay.sources`) before step 0.
 
     `cpt.training.loop.train` has checked (ownership.check_buffers) that a shard found here may be cleared.
     `tasks`: the run's prepared tasks; with `replay.buffer.store: refs` the buffer resolves a stored
-    (task id, offset) in task id's training split (ids are this run's task indices: refs refuse
-    `init`, so no earlier run's ids come first).
+    (task id, offset) in task id's training split, or a replay source's (refs refuse `init`, so the
+    only ids before the tasks' are the sources').
     """
     if cfg.replay.rate <= 0:
         return None, None
@@ -494,7 +523,9 @@ def buffer_for(
     if bc.store == "refs":
         if tasks is None:
             raise CptError("replay.buffer.store: refs needs the run's tasks to resolve rows (buffer_for(..., tasks=...))")
-        resolver = {i: t.train for i, t in enumerate(tasks)}
+        resolver = {replay_task_offset + i: t.train for i, t in enumerate(tasks)}
+        data = {s.name: s for s in sources or []}
+        resolver |= {f.task_id: data[f.name].train for f in fills or [] if f.generate is None}
     if resume:
         buffer = ReplayBuffer.open(directory, rank, store=bc.store, resolver=resolver)
         if buffer.row_len != row_len:
@@ -511,6 +542,8 @@ def buffer_for(
             buffer = ReplayBuffer(
                 directory, row_len, capacity, bc.policy, dtype, cfg.seed, rank, owner=owner, store=bc.store, resolver=resolver
             )
+        if fills:
+            replay_sources.fill_buffer(buffer, fills, sources or [], cfg.seed, cfg.training.seq_len, rank, world, log, sample)
         if owner is not None:
             buffer.set_owner(owner)
     prefetcher = ReplayPrefetcher(buffer) if cfg.replay.prefetch else None  # it attaches itself to the buffer
@@ -567,9 +600,8 @@ def source_for(
 ) -> MixedBatchSource:
     """The batch source; under torchrun with replay, ranks agree on whether a step can replay over a gloo group of their own."""
     rp = cfg.replay
-    names = [t.name for t in cfg.tasks]
     off = replay_task_offset
-    weights = {off + names.index(n): w for n, w in rp.task_weights.items()} if rp.task_weights else None
+    weights = replay_sources.weights_by_id(cfg, off)  # replay.task_weights and the replay sources' weights
     agree = None
     if world > 1 and rp.rate > 0:
         group = distributed.cpu_group()  # collective: every rank builds its source at the same point
@@ -591,13 +623,34 @@ def reptile_for(cfg: RunConfig, optimizer: torch.optim.Optimizer, plan: StepPlan
     return MetaUpdates(reptile, plan.task_ends, al.task_end_update, sharded, names)
 
 
+def merge_for(cfg: RunConfig, optimizer: torch.optim.Optimizer, plan: StepPlan, sharded: bool, model=None) -> TaskEndMerge | None:
+    """The task-end weight merge (merge.enabled), its reference copied from the weights as they are now (step 0)."""
+    mc = cfg.merge
+    if not mc.enabled:
+        return None
+    params = optimizer_params(optimizer)
+    names = None
+    if model is not None:  # each copy's parameter name: its key in a (resharding) DCP checkpoint
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        names = [by_id[id(p)] for p in params]
+    return TaskEndMerge(params, mc.lam, mc.toward, plan.task_ends, sharded, names, cfg.task_names)
+
+
 def hooks_for(
-    cfg: RunConfig, source: MixedBatchSource, meta: MetaUpdates | None, optimizer, plan: StepPlan, probe: AlignmentProbe | None
+    cfg: RunConfig,
+    source: MixedBatchSource,
+    meta: MetaUpdates | None,
+    optimizer,
+    plan: StepPlan,
+    probe: AlignmentProbe | None,
+    merge: TaskEndMerge | None = None,
 ) -> list[AfterStepHook]:
     """The after-step hooks in the order they act (cpt.training.hooks)."""
     hooks: list[AfterStepHook] = [source.shared, source]  # the shared part first: it loads the cursors
     if meta is not None:
         hooks.append(meta)
+    if merge is not None:
+        hooks.append(merge)
     if cfg.optimizer.reset_at_task:
         hooks.append(OptimizerReset(optimizer, plan.task_ends))
     if probe is not None:

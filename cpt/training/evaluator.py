@@ -7,6 +7,11 @@ of the loss matrix): `Evaluator.should_evaluate` decides. Under torchrun each ra
 world-th window and the sums are all-reduced; under FSDP2 every rank runs as many forward passes as
 the one with the most (each forward is collective). `evaluate_checkpoint` recomputes the same
 losses for an HF checkpoint a run saved (`cpt eval`).
+
+Replay sources (`replay.sources`, cpt.replay.sources) have held-out sets made the same way and are
+evaluated at the same points (`evaluate_replay_sources`), but kept apart from the tasks' losses: the
+loss matrix stays tasks × tasks, so every metric on it keeps its meaning, and the sources' losses
+go into `metrics.jsonl` (`replay_sources`) and summary.json's `replay_sources`.
 """
 
 from __future__ import annotations
@@ -32,12 +37,27 @@ from cpt.training.rundir import open_run
 class Evaluator:
     """The run's held-out sets and their evaluation (see the module docstring)."""
 
-    def __init__(self, tasks: list[TaskTokens], tr: TrainingConfig, parallel: OneProcess, eos_id: int, rank: int, world: int, log):
+    def __init__(
+        self,
+        tasks: list[TaskTokens],
+        tr: TrainingConfig,
+        parallel: OneProcess,
+        eos_id: int,
+        rank: int,
+        world: int,
+        log,
+        replay_sources: list[TaskTokens] = (),
+    ):
         self.names = [t.name for t in tasks]
         self.sets = [windows_for(t, tr.seq_len, tr.eval_tokens) for t in tasks]
         self.coverage = [_coverage(t, tr.seq_len, tr.eval_tokens, eos_id) for t in tasks]
         for name, c in zip(self.names, self.coverage):
             log(f"held-out {name}: {evaluate.describe_coverage(c)}")
+        self.source_names = [t.name for t in replay_sources]
+        self.source_sets = [windows_for(t, tr.seq_len, tr.eval_tokens) for t in replay_sources]
+        self.source_coverage = [_coverage(t, tr.seq_len, tr.eval_tokens, eos_id) for t in replay_sources]
+        for name, c in zip(self.source_names, self.source_coverage):
+            log(f"held-out {name} (replay source): {evaluate.describe_coverage(c)}")
         self.every = tr.eval_every
         self.batch_size = tr.eval_batch_size
         self.parallel = parallel
@@ -47,9 +67,17 @@ class Evaluator:
         return task_end or bool(self.every and step % self.every == 0)
 
     def evaluate_all(self) -> dict[str, float]:
+        """Every task's held-out loss (a row of the loss matrix at a task end). Collective under torchrun."""
+        return self._losses(self.names, self.sets)
+
+    def evaluate_replay_sources(self) -> dict[str, float]:
+        """Every replay source's held-out loss, the same way (empty without sources). Collective under torchrun."""
+        return self._losses(self.source_names, self.source_sets)
+
+    def _losses(self, names: list[str], sets: list[np.ndarray]) -> dict[str, float]:
         p = self.parallel
         losses = {}
-        for name, windows in zip(self.names, self.sets):
+        for name, windows in zip(names, sets):
             mine = windows[self.rank :: self.world]  # each rank evaluates its share; sums are reduced
             batches = p.eval_min_batches(len(windows), self.batch_size)
             total, count = (
@@ -65,6 +93,10 @@ class Evaluator:
 
     def summary(self) -> dict:
         return dict(zip(self.names, self.coverage))
+
+    def replay_source_summary(self) -> dict:
+        """What each replay source's held-out set covers (as `summary` for the tasks)."""
+        return dict(zip(self.source_names, self.source_coverage))
 
 
 def windows_for(task: TaskTokens, seq_len: int, eval_tokens: int) -> np.ndarray:
@@ -110,7 +142,8 @@ def _coverage(task: TaskTokens, seq_len: int, eval_tokens: int, eos_id: int) -> 
 
 
 def evaluate_checkpoint(run_dir: str | Path, checkpoint: str = "final") -> dict[str, float]:
-    """Held-out loss of a saved HF checkpoint of a run on every task (the same fixed sets as training)."""
+    """Held-out loss of a saved HF checkpoint of a run on every task (the same fixed sets as training), then on every
+    replay source, keyed `<name> (replay source)`."""
     run = open_run(run_dir)
     cfg = run.config()
     directory = run.checkpoints / checkpoint
@@ -126,4 +159,8 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str = "final") -> dict[
         windows = windows_for(task, cfg.training.seq_len, cfg.training.eval_tokens)
         total, count = evaluate.heldout_loss(model, windows, cfg.training.eval_batch_size, device, autocast_dtype)
         out[t.name] = total / max(count, 1)
+    for s in (s for s in cfg.replay.sources if s.path is not None):  # a generated source has no held-out split
+        windows = windows_for(prepare_for(s.as_task(), tok, cache), cfg.training.seq_len, cfg.training.eval_tokens)
+        total, count = evaluate.heldout_loss(model, windows, cfg.training.eval_batch_size, device, autocast_dtype)
+        out[f"{s.name} (replay source)"] = total / max(count, 1)
     return out

@@ -23,6 +23,7 @@ from cpt.config import RunConfig, dump_config, load_config
 from cpt.data.tokens import token_dtype
 from cpt.errors import CptError
 from cpt.replay import ownership
+from cpt.replay import sources as replay_sources
 from cpt.training import checkpoint as ckpt
 from cpt.training import distributed
 from cpt.training.loop import Run
@@ -38,9 +39,15 @@ def train(
     overrides: list[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    extend: str | Path | None = None,
 ) -> dict:
-    """Run (or resume) a continual pre-training run; returns the summary (also in out/summary.json)."""
+    """Run (or resume) a continual pre-training run; returns the summary (also in out/summary.json).
+
+    `extend`: a finished run that `config` (its new tasks) continues into `out` (cpt.training.extend)."""
     out = Path(out)
+    if extend is not None:
+        _set_up_extension(config, Path(extend), out, overrides or [], overwrite)
+        resume, overrides = True, [o for o in overrides or [] if o.split("=", 1)[0] in RESUME_KEYS]
     hf_logging.disable_progress_bar()  # save_pretrained draws a bar per checkpoint; ours are enough
     if not resume:  # validate before touching the run directory
         if isinstance(config, RunConfig):
@@ -58,11 +65,13 @@ def train(
         offset = marker.get("replay_task_offset", 0)
         cfg = keep_global_batch(cfg, started_on(out, marker), distributed.world_info()[1], _log_main)
     else:
-        offset = ownership.init_task_offset(cfg)
+        offset = replay_sources.task_offset(cfg)  # replay.buffer.init's task ids, then one per replay source
     run = Run(cfg, out, resume=resume, replay_task_offset=offset)  # data and model first: bad input fails before any write
     if resume:
         _check_same_data(run, marker, out)
         run.run_id = marker.get("run_id")
+        if marker.get("extended_from"):
+            marker = _fill_extension(run, out, marker)
     else:
         run.run_id = distributed.broadcast_object(uuid.uuid4().hex)  # every rank's shards name the same owner
     ownership.check_buffers(cfg, out, run.run_id, resume, run.world, token_dtype(run.tokenizer.vocab_size).name, run.log)
@@ -80,6 +89,7 @@ def train(
             "world": run.world,  # the global batch is batch × accum × this; a resume on other ranks keeps it
             # what a resume must find again: each task's source content and the tokenizer
             "sources": {t.name: key for t, key in zip(cfg.tasks, run.source_keys)},
+            "replay_sources": {s.name: key for (_, s), key in zip(replay_sources.proxies(cfg), run.replay_source_keys)},
             "tokenizer": run.tokenizer.fingerprint,
         }
         atomic.write_json(out / MARKER, marker, indent=1)
@@ -99,6 +109,44 @@ def resume_overrides(overrides: list[str]) -> list[str]:
                 f"--resume continues the run with its saved config; {key} cannot change (a resume may set only {', '.join(RESUME_KEYS)})"
             )
     return overrides
+
+
+def _set_up_extension(config, earlier: Path, out: Path, overrides: list[str], overwrite: bool) -> None:
+    """Rank 0 sets `out` up as the continuation of `earlier` (cpt.training.extend); the other ranks wait for it."""
+    from cpt.training import extend
+    from cpt.training.build import launch_id
+
+    if config is None:
+        raise CptError("--extend needs the config of the new tasks: cpt train MORE.yaml --extend RUN_DIR --out NEW_DIR")
+    if isinstance(config, RunConfig):
+        raise CptError("--extend reads the new tasks from a config file")
+    launch = launch_id().split("|")[0]  # torchrun's run id (or the master's address): the same on every node
+    rank = distributed.world_info()[0]
+    if rank == 0:
+        extend.prepare_extension(earlier, Path(config), out, overrides, overwrite, _log_main, launch)
+    else:
+        timeout = load_config(earlier / "config.yaml").training.dist_timeout_s
+        extend.wait_for_extension(out, launch, timeout)
+
+
+def _fill_extension(run: Run, out: Path, marker: dict) -> dict:
+    """The earlier run's loss-matrix rows get their columns for the new tasks (evaluated once, kept in run.json)."""
+    from cpt.training import extend
+
+    info = marker["extended_from"]
+    if info.get("filled") is None:
+        filled = extend.fill_columns(run, Path(info["run"]), info["tasks"])  # collective
+        marker = {
+            **marker,
+            "extended_from": {**info, "filled": filled},
+            "sources": {t.name: key for t, key in zip(run.cfg.tasks, run.source_keys)},
+        }
+        if run.is_main:
+            atomic.write_json(out / MARKER, marker, indent=1)
+            run.log(f"extension: the earlier {info['tasks']} row(s) of the loss matrix evaluated on the new tasks")
+    run.fill_rows = marker["extended_from"]["filled"]
+    run.extended_from = {k: v for k, v in marker["extended_from"].items() if k not in ("filled", "launch")}
+    return marker
 
 
 def _log_main(msg: str) -> None:
@@ -143,6 +191,12 @@ def _check_same_data(run: Run, marker: dict, out: Path) -> None:
         if t.name in sources and sources[t.name] != key:
             raise CptError(
                 f"tasks.{i} ({t.name}): {t.path or [src.path for src in t.sources]} changed since {out} started (its content hash differs); restore the original data or start a new run"
+            )
+    kept = marker.get("replay_sources") or {}
+    for (k, s), key in zip(replay_sources.proxies(run.cfg), run.replay_source_keys):
+        if s.name in kept and kept[s.name] != key:
+            raise CptError(
+                f"replay.sources.{k} ({s.name}): {s.path} changed since {out} started (its content hash differs); restore the original data or start a new run"
             )
     if marker.get("tokenizer") and marker["tokenizer"] != run.tokenizer.fingerprint:
         raise CptError(f"tokenizer: {run.tokenizer.source} is not the tokenizer {out} started with; restore it or start a new run")

@@ -25,6 +25,7 @@ from cpt import atomic, evaluate, flops
 from cpt.config import RunConfig
 from cpt.errors import CptError
 from cpt.model import count_parameters, save_hf
+from cpt.replay import sources as replay_sources
 from cpt.replay.mixing import replay_shortfall
 from cpt.training import build, distributed
 from cpt.training import checkpoint as ckpt
@@ -59,26 +60,49 @@ class Run:
         distributed.init(self.device.type, cfg.training.dist_timeout_s)
         build.agree_on_data(data)
         self.tokenizer, self.tasks, self.source_keys = data.tokenizer, data.tasks, data.source_keys
+        self.replay_sources, self.replay_source_keys = data.replay_sources or [], data.replay_source_keys or []
         self.model, self.parallel = build.model_and_parallel(cfg, data, self.device, self.autocast_dtype, self.world, log)
         self.n_params, self.shape = count_parameters(self.model), flops.shape_of(self.model)
         self.streams, self.row_names, budgets = build.streams_for(cfg, self.tasks, self.rank, self.world)
+        if replay_task_offset < len(cfg.replay.sources):  # a caller that did not count the sources' task ids
+            replay_task_offset = replay_sources.task_offset(cfg)
         self.replay_task_offset = replay_task_offset
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        self.fills = replay_sources.plan_fills(cfg, self.replay_sources, replay_task_offset, self.world, vocab, self.parallel.sharded)
+        self.source_record = replay_sources.SourceRecord([s.name for s in self.replay_sources]) if cfg.replay.sources else None
         self.plan = build.plan_for(cfg, budgets, self.world, replay_task_offset)
         self.optimizer = optimizer_for(self.model, cfg.optimizer, cfg.training.lr, self.device)
         self.meta = build.reptile_for(cfg, self.optimizer, self.plan, self.parallel.sharded, self.model)
-        self.evaluator = Evaluator(self.tasks, cfg.training, self.parallel, self.tokenizer.eos_id, self.rank, self.world, log)
+        self.merge = build.merge_for(cfg, self.optimizer, self.plan, self.parallel.sharded, self.model)
+        self.evaluator = Evaluator(
+            self.tasks, cfg.training, self.parallel, self.tokenizer.eos_id, self.rank, self.world, log, replay_sources=self.replay_sources
+        )
         self.progress = ckpt.Progress()
         self.checkpointer = ckpt.Checkpointer(
             out / "checkpoints", cfg.checkpoint, self.parallel, self.optimizer, self.rank, self.world, log
         )  # collective with checkpoint.async (its writer's process group)
         self.resumed_from: Path | None = None  # the checkpoint directory a resume reads
+        self.fill_rows: list[list[float]] | None = None  # an extension: the earlier rows' losses on the new tasks
+        self.extended_from: dict | None = None
         self.stop_requested = False
 
     def _make_source(self) -> None:
         """The buffer lives in the run directory, so the batch source and the hooks are made once it is prepared."""
         cfg = self.cfg
         self.buffer, self.prefetcher = build.buffer_for(
-            cfg, self.out, self.run_id, self.rank, self.world, self.tokenizer.vocab_size, self.resume, self.log, self.tasks
+            cfg,
+            self.out,
+            self.run_id,
+            self.rank,
+            self.world,
+            self.tokenizer.vocab_size,
+            self.resume,
+            self.log,
+            self.tasks,
+            replay_task_offset=self.replay_task_offset,
+            sources=self.replay_sources,
+            fills=self.fills,
+            sample=self._sampler(),
         )
         self.source = build.source_for(
             cfg, self.streams, self.plan, self.buffer, self.prefetcher, self.replay_task_offset, self.rank, self.world
@@ -86,7 +110,19 @@ class Run:
         self.probe = build.probe_for(
             cfg, self.model, self.tasks, self.rank, self.world, self.plan, self.autocast_dtype, self.is_main, self.source
         )
-        self.hooks = build.hooks_for(cfg, self.source, self.meta, self.optimizer, self.plan, self.probe)
+        self.hooks = build.hooks_for(cfg, self.source, self.meta, self.optimizer, self.plan, self.probe, merge=self.merge)
+        if self.source_record is not None:  # acts on no step; a hook so that every checkpoint keeps it
+            self.hooks.append(self.source_record)
+
+    def _sampler(self) -> replay_sources.Sampler | None:
+        """What samples the generated replay sources from the model as it is now (before step 0), if any."""
+        if not any(f.generate is not None for f in self.fills):
+            return None
+        start = self.model.config.bos_token_id
+        start = self.tokenizer.eos_id if start is None else start  # a cpt document starts after an EOS
+        return replay_sources.Sampler(
+            self.model, start, self.cfg.training.seq_len, self.device, self.autocast_dtype, self.source_record, self.log
+        )
 
     # ---------------------------------------------------------------- the step
     def train_step(self, step: int) -> tuple[float, int]:
@@ -164,7 +200,10 @@ class Run:
                 f"model: {self.n_params / 1e6:.2f}M parameters on {self.device}"
                 f"{' (bf16 autocast)' if self.autocast_dtype else ' (fp32)'}; {self.plan.total_steps} steps; {len(self.plan.task_ends)} task(s)"
             )
-            self.metrics.write({"type": "eval", "step": 0, "task_index": -1, "losses": self.evaluator.evaluate_all(), "task_end": False})
+            record = {"type": "eval", "step": 0, "task_index": -1, "losses": self.evaluator.evaluate_all(), "task_end": False}
+            if self.evaluator.source_names:  # the original domain before any training: what its forgetting is measured from
+                record["replay_sources"] = self.source_record.initial = self.evaluator.evaluate_replay_sources()
+            self.metrics.write(record)
         self.source.start(self.progress.step)
         try:
             with StopOnSignal() as self.stopper:
@@ -235,12 +274,19 @@ class Run:
 
     def _evaluate(self, task: int, task_end: bool) -> None:
         losses = self.evaluator.evaluate_all()
-        self.metrics.write({"type": "eval", "step": self.progress.step, "task_index": task, "losses": losses, "task_end": task_end})
+        record = {"type": "eval", "step": self.progress.step, "task_index": task, "losses": losses, "task_end": task_end}
+        sources = self.evaluator.evaluate_replay_sources() if self.evaluator.source_names else None
+        if sources is not None:
+            record["replay_sources"] = sources
+        self.metrics.write(record)
         if not task_end:
             return
         row = [losses[t.name] for t in self.tasks]
         self.progress.loss_matrix.append(row)
         self.log(f"after {self.row_names[task]}: " + "  ".join(f"{t.name}={v:.3f}" for t, v in zip(self.tasks, row)))
+        if sources is not None:
+            self.source_record.after_task.append(sources)
+            self.log(f"after {self.row_names[task]}, replay sources: " + "  ".join(f"{n}={v:.3f}" for n, v in sources.items()))
         if self.cfg.checkpoint.task_ends and self.cfg.training.strategy != "joint":
             self.save_hf_checkpoint(self.out / "checkpoints" / f"task-{task}-{self.row_names[task]}")
         stats = self.source.stats
@@ -260,6 +306,10 @@ class Run:
 
     def load_state_dict(self, found: ckpt.Found) -> None:
         self.progress = self.checkpointer.load(found, self.hooks)
+        if self.fill_rows is not None:  # an extended run: the earlier run's rows get the new tasks' columns
+            for row, extra in zip(self.progress.loss_matrix, self.fill_rows):
+                if len(row) < len(self.tasks):
+                    row.extend(extra)
 
     def save_hf_checkpoint(self, directory: Path) -> None:
         """An HF checkpoint of the current weights, written by rank 0 (under FSDP2 gathered from every rank first)."""
@@ -291,8 +341,10 @@ class Run:
             "replay_fraction": stats.fraction(),
             "replay_wait_seconds": self.source.wait_seconds,
             "replay_task_offset": self.replay_task_offset,
+            "extended_from": self.extended_from,
             "alignment": cfg.alignment.method,
             "meta_updates": self.meta.meta_updates if self.meta else 0,
+            "merge": {"lam": cfg.merge.lam, "toward": cfg.merge.toward, "merges": self.merge.merges} if self.merge else None,
             "steps": p.step,
             "task_boundaries": self.plan.task_ends,
             "parameters": self.n_params,
@@ -312,11 +364,18 @@ class Run:
             "heldout": self.evaluator.summary(),
             "compile": {"modules": self.parallel.compiled, "graphs": _compiled_graphs()} if self.parallel.compiled else None,
             **self._replay_summary(),
+            **self._replay_sources_summary(),
         }
         if self.is_main:
             atomic.write_json(self.out / "summary.json", summary, indent=2)
         if self.buffer is not None:
             self.log(f"replay: waited {self.source.wait_seconds:.3f}s on the prefetcher in {p.step} steps")
+        for name, rs in (summary.get("replay_sources") or {}).items():
+            if rs.get("forgetting") is not None:
+                self.log(
+                    f"replay source {name}: held-out loss {rs['initial']:.3f} before training, {rs['after_task'][-1]:.3f} at the end "
+                    f"(forgetting {rs['forgetting']:+.3f})"
+                )
         if self.probe is not None:
             share = 100 * probe_seconds / max(p.train_seconds, 1e-9)
             self.log(f"probe: {probe_seconds:.1f}s in all ({share:.1f}% of the training time)")
@@ -326,6 +385,16 @@ class Run:
             + (f"{summary['forgetting_score']:.3f}" if summary["forgetting_score"] is not None else "n/a")
         )
         return summary
+
+    def _replay_sources_summary(self) -> dict:
+        """summary.json `replay_sources` (cpt.replay.sources.summary): the original domain's loss before training and at every
+        task end, its forgetting, and how many of its rows the buffer (all shards) still held. Collective under torchrun."""
+        if self.source_record is None:
+            return {}
+        counts = self.buffer.counts_per_task() if self.buffer is not None else {}
+        at_end = distributed.all_reduce_sum([float(counts.get(f.task_id, 0)) for f in self.fills], self.device)
+        coverage = self.evaluator.replay_source_summary()
+        return {"replay_sources": replay_sources.summary(self.fills, self.source_record, coverage, [int(x) for x in at_end])}
 
     def _replay_summary(self) -> dict:
         """Global capacity and fill of the buffer (all shards) and the tasks that replayed less than planned."""

@@ -43,6 +43,8 @@ class MetricsLog:
             elif record["type"] == "eval":
                 for name, value in record["losses"].items():
                     self.tb.add_scalar(f"val/{name}", value, step)
+                for name, value in record.get("replay_sources", {}).items():  # replay.sources: not tasks, kept apart
+                    self.tb.add_scalar(f"val_replay_source/{name}", value, step)
             elif record["type"] == "probe":
                 for name, value in record["cosine"].items():
                     self.tb.add_scalar(f"probe/{name}", value, step)

@@ -33,6 +33,11 @@ rounding, rel 1e-12). Each fraction is turned into a whole number of steps by ro
   cooldown = 0 drops to c0 at step W; anneal = 0 ends on c0. Assumes m ≤ c0 ≤ lr.
 - constant: warmup, then exactly lr.
 
+Steps instead of fractions: `warmup_steps` (W = that many steps, per task for rewarm, with the same
+caps) and, for infinite, `cooldown_steps` (C) replace ceil(fraction · T). A schedule whose phases are
+all given in steps, and that has no phase planned back from the end (cosine's and wsd's decay,
+infinite's anneal > 0), gives every step the same LR whatever T is: that is what `--extend` checks.
+
 Short runs: with T = 1 (or a one-step rewarm task) the only step is both the peak and the last
 step; the peak wins, so it is lr. With T ≥ 2 every rule above holds (T = 2 is lr, then m for
 cosine); a warmup that rounds up to the whole run (or task) is cut to leave its last step to the decay. No division by zero occurs; after the warmup every value lies between m and lr
@@ -55,9 +60,11 @@ def _clip(x: float, a: float, b: float) -> float:
     return min(max(x, min(a, b)), max(a, b))
 
 
-def _warmup_steps(frac: float, n: int) -> int:
-    """W: at least 1 (step 0 = the peak when frac = 0), at most n-1 when n ≥ 2 (one step left after the peak)."""
-    return min(max(math.ceil(frac * n), 1), max(n - 1, 1))
+def _warmup_steps(frac: float, n: int, steps: int | None = None) -> int:
+    """W: at least 1 (step 0 = the peak when frac = 0), at most n-1 when n ≥ 2 (one step left after the peak).
+    `steps` (schedule.warmup_steps) replaces ceil(frac · n) when given."""
+    want = math.ceil(frac * n) if steps is None else steps
+    return min(max(want, 1), max(n - 1, 1))
 
 
 def _warm(step: int, warmup_steps: int, lr: float) -> float:
@@ -99,12 +106,12 @@ def lr_at(step: int, total_steps: int, task_ends: list[int], lr: float, cfg: Sch
             start = e
         n = end - start  # ≥ 1: start ≤ step < end
         local = step - start
-        w = _warmup_steps(cfg.warmup, n)
+        w = _warmup_steps(cfg.warmup, n, cfg.warmup_steps)
         if local < w:
             return _warm(local, w, lr)
         return _cosine(local - w + 1, n - w, lr, cfg.min_lr)
 
-    w = _warmup_steps(cfg.warmup, total)
+    w = _warmup_steps(cfg.warmup, total, cfg.warmup_steps)
     if step < w:
         return _warm(step, w, lr)
     # total ≥ 2 from here on: with total = 1, w = 1 and step 0 is the warmup's (the peak)
@@ -121,7 +128,7 @@ def lr_at(step: int, total_steps: int, task_ends: list[int], lr: float, cfg: Sch
     if cfg.name == "infinite":
         const = cfg.constant_lr if cfg.constant_lr is not None else lr / 2
         a = min(math.ceil(cfg.anneal * total), total - w)
-        c = min(math.ceil(cfg.cooldown * total), total - w - a)
+        c = min(math.ceil(cfg.cooldown * total) if cfg.cooldown_steps is None else cfg.cooldown_steps, total - w - a)
         if step < w + c:
             return _cosine(step - w + 1, c, lr, const)
         constant_end = total - 1 - a  # the last step at constant_lr (or the cooldown's last, or the peak)
