@@ -24,6 +24,7 @@ examples:
   cpt train run.yaml training.lr=3e-4 tasks.1.tokens=2e6 --out runs/a
   cpt prepare run.yaml --workers 8           tokenize the tasks once, in parallel and resumably
   cpt train de.yaml --extend runs/en-fr --out runs/en-fr-de   continue a finished run with new tasks
+  cpt release runs/en-fr --steps 200        an annealed copy of a finished (open-ended) run
   cpt train --resume runs/a                  continue from the latest checkpoint (on any number of ranks;
                                              training.parallel=fsdp and other execution settings may change)
   cpt eval runs/a                            re-evaluate checkpoints/final on every task
@@ -130,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="sweep directory (default: runs/<sweep name>)")
     w.add_argument("--overwrite", action="store_true", help="re-run finished runs and replace runs made with another config")
     w.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished; run nothing")
+
+    rl = sub.add_parser("release", help="an annealed copy of a finished run (the LR decayed to min_lr); the run itself stays un-annealed")
+    rl.add_argument("run_dir")
+    rl.add_argument("--steps", type=int, required=True, help="optimizer steps of the anneal, on the last task's data")
+    rl.add_argument("--out", help="release directory (default: RUN_DIR/releases/step-<T>-anneal-<N>)")
+    rl.add_argument("--overwrite", action="store_true", help="replace an existing release directory")
 
     sub.add_parser("config-reference", help="print the reference of every config key (Markdown)")
     return p
@@ -288,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "release":
+            from cpt.training.device import ensure_threads
+            from cpt.training.release import release
+
+            ensure_threads()
+            summary = release(args.run_dir, args.steps, args.out, args.overwrite)
+            print(json.dumps({"after_anneal": summary["loss_matrix"][-1]}, indent=1))
+            return 0
         if args.command == "import":
             return _cmd_import(args)
         if args.command == "sweep":

@@ -263,6 +263,13 @@ class ScheduleConfig(Section):
     cooldown_steps: Count | None = Field(
         None, ge=0, description="infinite: the cooldown in optimizer steps instead of the `cooldown` fraction (see warmup_steps)."
     )
+    anneal_at: Count | None = Field(
+        None,
+        ge=1,
+        description="From this optimizer step on, an exponential anneal from the LR of the step before it to min_lr over "
+        "`anneal_steps` steps, whatever the schedule (what `cpt release` sets for its annealed copy of a run).",
+    )
+    anneal_steps: Count = Field(100, ge=1, description="The length of the anneal that `anneal_at` starts.")
 
     @model_validator(mode="after")
     def _phases_fit(self) -> ScheduleConfig:

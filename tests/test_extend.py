@@ -114,3 +114,22 @@ def test_a_schedule_planned_over_the_run_cannot_be_extended(small_texts, tmp_pat
     (run / "summary.json").unlink()
     with pytest.raises(CptError, match="has not finished"):
         train(_more(tmp_path, small_texts), tmp_path / "y", extend=run)
+
+
+def test_a_release_anneals_a_copy_and_leaves_the_run_open(earlier, small_texts, tmp_path):
+    """`cpt release RUN --steps N`: N more steps on the last task's data with the LR decaying to min_lr, in a copy."""
+    from cpt.cli import main
+
+    run = earlier["infinite"]
+    before = _digest(run)
+    out = tmp_path / "release"
+    assert main(["release", str(run), "--steps", "6", "--out", str(out)]) == 0
+    assert _digest(run) == before  # the run stays as it was, so it can still be extended un-annealed
+    s = json.loads((out / "summary.json").read_text())
+    ran = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == ran["steps"] + 6 and len(s["loss_matrix"]) == 3 and s["tasks"][-1] == "fr-release"
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert lrs[-1] == pytest.approx(cfg["schedule"]["min_lr"])  # the last logged step is the anneal's last
+    assert (out / "checkpoints" / "final" / "config.json").is_file()
+    assert not list((out / "checkpoints").glob("step-*")) and not (out / "replay").exists()

@@ -75,7 +75,7 @@ def _set(data: dict, key: str, value) -> None:
     data[parts[-1]] = value
 
 
-def merged_config(earlier: Path, more: Path, overrides: list[str]) -> tuple[RunConfig, RunConfig]:
+def merged_config(earlier: Path, more: Path, overrides: list[str], allow: tuple[str, ...] = ()) -> tuple[RunConfig, RunConfig]:
     """(the earlier run's config, the extended run's): RUN's settings with MORE.yaml's keys over them and its tasks
     appended; a key MORE.yaml may not change is a one-line CptError naming it."""
     from cpt.training.launch import RESUME_KEYS
@@ -106,7 +106,7 @@ def merged_config(earlier: Path, more: Path, overrides: list[str]) -> tuple[RunC
     after = validate(data, str(more))
     dumped = after.model_dump(mode="json", by_alias=True)
     for key, value in _leaves({k: v for k, v in dumped.items() if k != "tasks"}):
-        if key.split(".")[0] in FREE_SECTIONS or key in RESUME_KEYS or key in ("replay.buffer.dir", "tokenizer.path"):
+        if key.split(".")[0] in FREE_SECTIONS or key in RESUME_KEYS or key in ("replay.buffer.dir", "tokenizer.path", *allow):
             continue
         if value != _get(base, key):
             raise CptError(
@@ -155,7 +155,9 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
-def prepare_extension(earlier: Path, more: Path, out: Path, overrides: list[str], overwrite: bool, log, launch: str = "") -> RunConfig:
+def prepare_extension(
+    earlier: Path, more: Path, out: Path, overrides: list[str], overwrite: bool, log, launch: str = "", allow: tuple[str, ...] = ()
+) -> RunConfig:
     """Check that `earlier` can be extended and set `out` up as its copy with the extended plan (rank 0's work);
     returns the extended config. Nothing in `earlier` is written."""
     earlier = Path(earlier)
@@ -165,7 +167,7 @@ def prepare_extension(earlier: Path, more: Path, out: Path, overrides: list[str]
         raise CptError(f"--extend {earlier}: the run has not finished (no summary.json); resume it first (cpt train --resume {earlier})")
     if out.resolve() == earlier.resolve():
         raise CptError(f"--out {out}: the earlier run's own directory; the extension goes into a new one")
-    before, after = merged_config(earlier, Path(more), overrides)
+    before, after = merged_config(earlier, Path(more), overrides, allow)
     marker = read_marker(earlier)
     world = int(marker.get("world") or ckpt.written_by(earlier / "checkpoints") or 1)
     offset = int(marker.get("replay_task_offset", 0))

@@ -40,13 +40,14 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     extend: str | Path | None = None,
+    allow: tuple[str, ...] = (),
 ) -> dict:
     """Run (or resume) a continual pre-training run; returns the summary (also in out/summary.json).
 
     `extend`: a finished run that `config` (its new tasks) continues into `out` (cpt.training.extend)."""
     out = Path(out)
     if extend is not None:
-        _set_up_extension(config, Path(extend), out, overrides or [], overwrite)
+        _set_up_extension(config, Path(extend), out, overrides or [], overwrite, allow)
         resume, overrides = True, [o for o in overrides or [] if o.split("=", 1)[0] in RESUME_KEYS]
     hf_logging.disable_progress_bar()  # save_pretrained draws a bar per checkpoint; ours are enough
     if not resume:  # validate before touching the run directory
@@ -111,7 +112,7 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     return overrides
 
 
-def _set_up_extension(config, earlier: Path, out: Path, overrides: list[str], overwrite: bool) -> None:
+def _set_up_extension(config, earlier: Path, out: Path, overrides: list[str], overwrite: bool, allow: tuple[str, ...] = ()) -> None:
     """Rank 0 sets `out` up as the continuation of `earlier` (cpt.training.extend); the other ranks wait for it."""
     from cpt.training import extend
     from cpt.training.build import launch_id
@@ -123,7 +124,7 @@ def _set_up_extension(config, earlier: Path, out: Path, overrides: list[str], ov
     launch = launch_id().split("|")[0]  # torchrun's run id (or the master's address): the same on every node
     rank = distributed.world_info()[0]
     if rank == 0:
-        extend.prepare_extension(earlier, Path(config), out, overrides, overwrite, _log_main, launch)
+        extend.prepare_extension(earlier, Path(config), out, overrides, overwrite, _log_main, launch, allow)
     else:
         timeout = load_config(earlier / "config.yaml").training.dist_timeout_s
         extend.wait_for_extension(out, launch, timeout)

@@ -38,6 +38,10 @@ caps) and, for infinite, `cooldown_steps` (C) replace ceil(fraction · T). A sch
 all given in steps, and that has no phase planned back from the end (cosine's and wsd's decay,
 infinite's anneal > 0), gives every step the same LR whatever T is: that is what `--extend` checks.
 
+A release's anneal (`anneal_at` = A, `anneal_steps` = N, set by `cpt release`): steps before A follow the
+schedule unchanged; step A + i (i = 0..N-1) is the exponential from the LR of step A-1 to exactly min_lr at
+step A + N - 1, and min_lr after.
+
 Short runs: with T = 1 (or a one-step rewarm task) the only step is both the peak and the last
 step; the peak wins, so it is lr. With T ≥ 2 every rule above holds (T = 2 is lr, then m for
 cosine); a warmup that rounds up to the whole run (or task) is cut to leave its last step to the decay. No division by zero occurs; after the warmup every value lies between m and lr
@@ -95,6 +99,9 @@ def _exponential(i: int, n: int, hi: float, lo: float) -> float:
 
 def lr_at(step: int, total_steps: int, task_ends: list[int], lr: float, cfg: ScheduleConfig) -> float:
     """LR for optimizer step `step` (0-based); `task_ends[i]` = steps completed when task i ends. See the module's contract."""
+    if cfg.anneal_at is not None and step >= cfg.anneal_at:  # a release's anneal, after the schedule's own steps
+        before = lr_at(cfg.anneal_at - 1, total_steps, task_ends, lr, cfg.model_copy(update={"anneal_at": None}))
+        return _exponential(step - cfg.anneal_at + 1, cfg.anneal_steps, before, cfg.min_lr)
     total = max(total_steps, 1)
     step = min(max(step, 0), total - 1)
     if cfg.name == "rewarm":
