@@ -69,6 +69,8 @@ class Progress:
     loss_matrix: list[list[float]] = field(default_factory=list)
     wall_seconds: float = 0.0  # wall time of this run's earlier processes (before a resume)
     train_seconds: float = 0.0  # inside training steps only
+    eval_seconds: float = 0.0  # in held-out evaluations (the step-0 one included)
+    checkpoint_seconds: float = 0.0  # training held up by resumable checkpoints (their blocking time)
     nan_skipped: int = 0
     trained_tokens: int = 0  # this rank's
     metrics_offset: int = 0  # metrics.jsonl is truncated to it on resume

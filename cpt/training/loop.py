@@ -12,6 +12,7 @@ when to save — and stops cleanly on a signal. The run directory's layout is in
 from __future__ import annotations
 
 import math
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -200,7 +201,9 @@ class Run:
                 f"model: {self.n_params / 1e6:.2f}M parameters on {self.device}"
                 f"{' (bf16 autocast)' if self.autocast_dtype else ' (fp32)'}; {self.plan.total_steps} steps; {len(self.plan.task_ends)} task(s)"
             )
+            t_eval = time.perf_counter()
             record = {"type": "eval", "step": 0, "task_index": -1, "losses": self.evaluator.evaluate_all(), "task_end": False}
+            self.progress.eval_seconds += time.perf_counter() - t_eval
             if self.evaluator.source_names:  # the original domain before any training: what its forgetting is measured from
                 record["replay_sources"] = self.source_record.initial = self.evaluator.evaluate_replay_sources()
             self.metrics.write(record)
@@ -218,6 +221,7 @@ class Run:
 
     def fit(self) -> None:
         p, plan, meter = self.progress, self.plan, TrainMeter(self.cfg.logging.log_every)
+        self.first_step, self.first_train_seconds = p.step, p.train_seconds  # the ETA counts this process's steps
         while p.step < plan.total_steps:
             task = plan.task_of_step[p.step]
             end = plan.task_ends[task]
@@ -237,9 +241,13 @@ class Run:
                 if meter.should_log(p.step, task_end):
                     self._train_line(meter, task, bar)
                 if self.evaluator.should_evaluate(p.step, task_end):
+                    t_eval = time.perf_counter()
                     self._evaluate(task, task_end)
+                    p.eval_seconds += time.perf_counter() - t_eval
                 if self.checkpointer.should_save(p.step, task_end) or self.stop_requested:
+                    t_ckpt = time.perf_counter()
                     self.save_resumable(wait=self.stop_requested)  # stopping: the checkpoint is complete before the exit
+                    p.checkpoint_seconds += time.perf_counter() - t_ckpt
                 if self.stop_requested:  # agreed across ranks in the step, so all of them checkpointed together
                     bar.close()
                     raise Preempted(self.out, p.step, self.stopper.signum or 15, self.stopper.seconds_since())
@@ -259,6 +267,7 @@ class Run:
 
     def _train_line(self, meter: TrainMeter, task: int, bar) -> None:
         mean, tps = meter.line()
+        eff = self.efficiency(tps)
         record = {
             "type": "train",
             "step": self.progress.step,
@@ -266,11 +275,41 @@ class Run:
             "task_index": task,
             "loss": mean,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_second": tps,
+            "tokens_per_second": tps,  # this rank's, in the window since the last line
             "replay_wait_seconds": self.source.wait_seconds,
+            **eff,
         }
         self.metrics.write(record)
-        bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+        eta = eff["eta_seconds"]
+        bar.set_postfix(
+            loss=f"{mean:.3f}",
+            tok_s=f"{eff['tokens_per_second_all_ranks']:,.0f}",
+            **({"mfu": f"{100 * eff['mfu']:.0f}%"} if eff["mfu"] is not None else {}),
+            eta_all=_clock(eta) if eta is not None else "?",
+            refresh=False,
+        )
+
+    def efficiency(self, tps: float) -> dict:
+        """What a train line says about speed: tokens/s over all ranks, MFU against the device's peak (None where it
+        is unknown, e.g. on CPU), this process's peak memory (CUDA max allocated, else peak RSS), the shares of the
+        wall time so far spent in training steps, evaluation, the probe, checkpoints and waiting on replay reads, and
+        the ETA of the whole sequence from this process's mean step time."""
+        p = self.progress
+        wall = p.wall_seconds + (time.perf_counter() - self.t_start)
+        probe = self.probe.seconds if self.probe else 0.0
+        parts = {"train": p.train_seconds, "eval": p.eval_seconds, "probe": probe, "checkpoint": p.checkpoint_seconds}
+        parts["replay_wait"] = self.source.wait_seconds
+        steps_here = p.step - self.first_step
+        per_step = (p.train_seconds - self.first_train_seconds) / steps_here if steps_here > 0 else None
+        peak = flops.peak_flops_of(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        return {
+            "tokens_per_second_all_ranks": tps * self.world,
+            "mfu": flops.mfu(self.shape, self.cfg.training.seq_len, tps, peak) if peak else None,
+            "peak_memory_mib": peak_memory_mib(self.device),
+            "time_shares": {k: round(v / max(wall, 1e-9), 4) for k, v in parts.items()},
+            "seconds": {**{k: round(v, 3) for k, v in parts.items()}, "wall": round(wall, 3)},
+            "eta_seconds": per_step * (self.plan.total_steps - p.step) if per_step is not None else None,
+        }
 
     def _evaluate(self, task: int, task_end: bool) -> None:
         losses = self.evaluator.evaluate_all()
@@ -358,6 +397,8 @@ class Run:
             "train_seconds": p.train_seconds,
             "probe_seconds": probe_seconds,
             "tokens_per_second": p.trained_tokens * self.world / max(p.train_seconds, 1e-9),
+            # the whole run: MFU, peak memory, where the wall time went (train / eval / probe / checkpoint / replay wait)
+            "efficiency": {k: v for k, v in self.efficiency(p.trained_tokens / max(p.train_seconds, 1e-9)).items() if k != "eta_seconds"},
             "nan_skipped": p.nan_skipped,
             # this process's resumable checkpoints: the write time sizes a preemption's grace period (docs/distributed.md)
             "checkpoints": self.checkpointer.summary(),
@@ -418,6 +459,18 @@ class Run:
                 "fill_tokens": int(fill) * self.cfg.training.seq_len,
             },
         }
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA max allocated on a GPU, else the peak resident set size (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def _agree_on_device(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool]:
