@@ -515,6 +515,12 @@ class LoggingConfig(Section):
     log_every: Count = Field(10, ge=1, description="Steps between train-loss lines in metrics.jsonl.")
     progress: bool = Field(True, description="Progress bar per task.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events to `<run>/tensorboard`.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [],  # pydantic copies a mutable default per instance
+        description="Experiment trackers that get the config, every metrics.jsonl record and the summary (rank 0): "
+        "`tensorboard` (`<run>/tensorboard`), `wandb` (offline under `<run>/wandb` without an API key; pip install 'cpt[wandb]'), "
+        "`mlflow` (`file:<run>/mlruns` unless MLFLOW_TRACKING_URI; pip install 'cpt[mlflow]').",
+    )
 
 
 class RunConfig(Section):

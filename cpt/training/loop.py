@@ -189,7 +189,7 @@ class Run:
             self.buffer.load_state_dict(remapped)  # the shard as remapped from the checkpoint
         resumed_step = resumed.state["progress"]["step"] if resumed is not None else None
         offset = resumed.state["progress"]["metrics_offset"] if resumed is not None else None
-        self.metrics = open_metrics(self.out, self.is_main, self.cfg.logging.tensorboard, resumed_step, offset)
+        self.metrics = open_metrics(self.out, self.is_main, self.cfg, resumed_step, offset, self.run_id)
         if resumed is not None:
             t0 = time.perf_counter()
             self.resumed_from = resumed.directory
@@ -409,6 +409,7 @@ class Run:
         }
         if self.is_main:
             atomic.write_json(self.out / "summary.json", summary, indent=2)
+        self.metrics.log_summary(summary)  # the trackers' summary and summary.json, then they close
         if self.buffer is not None:
             self.log(f"replay: waited {self.source.wait_seconds:.3f}s on the prefetcher in {p.step} steps")
         for name, rs in (summary.get("replay_sources") or {}).items():

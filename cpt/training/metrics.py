@@ -1,8 +1,9 @@
-"""What a run writes while it trains: `metrics.jsonl` (and TensorBoard), and the train-loss meter.
+"""What a run writes while it trains: `metrics.jsonl` (and the experiment trackers), and the train-loss meter.
 
 `MetricsLog` appends one JSON object per line, flushed per line so a killed run keeps what it
-measured; a resumed run truncates the file to the offset its checkpoint recorded and TensorBoard
-drops the events after the checkpoint's step, so each step appears once. Ranks other than 0 get
+measured, and forwards every record to the trackers of `logging.trackers` (cpt.training.trackers:
+TensorBoard, W&B, MLflow); a resumed run truncates the file to the offset its checkpoint recorded and
+the trackers skip what they already hold, so each step appears once. Ranks other than 0 get
 `NoMetrics`. `TrainMeter` accumulates the training loss and tokens/s between train lines and
 decides when to write one (`should_log`): every `logging.log_every` steps and at each task end.
 """
@@ -11,52 +12,54 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cpt.errors import CptError
+from cpt.training.trackers import open_trackers
+
+if TYPE_CHECKING:
+    from cpt.config import RunConfig
 
 
 class MetricsLog:
-    """Append-only JSON lines; flushed per line so a killed run keeps what it measured."""
+    """Append-only JSON lines; flushed per line so a killed run keeps what it measured. Each record also goes to the trackers."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resumed_step: int | None = None):
+    def __init__(self, path: Path, trackers: list | None = None):
         self.path = path
         self.fh = open(path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # why lazy: needs the optional tensorboard (cpt[tensorboard])
-            except ImportError:
-                raise CptError("logging.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
-            # a resumed run re-logs the steps after its checkpoint: TensorBoard drops the events the killed
-            # run wrote after it (steps > the checkpoint's), as metrics.jsonl is truncated to its offset
-            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=None if resumed_step is None else resumed_step + 1)
+        self.trackers = trackers or []
 
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
-        if self.tb is not None:
-            step = record.get("step", 0)
-            if record["type"] == "train":
-                self.tb.add_scalar("train/loss", record["loss"], step)
-                self.tb.add_scalar("train/lr", record["lr"], step)
-            elif record["type"] == "eval":
-                for name, value in record["losses"].items():
-                    self.tb.add_scalar(f"val/{name}", value, step)
-                for name, value in record.get("replay_sources", {}).items():  # replay.sources: not tasks, kept apart
-                    self.tb.add_scalar(f"val_replay_source/{name}", value, step)
-            elif record["type"] == "probe":
-                for name, value in record["cosine"].items():
-                    self.tb.add_scalar(f"probe/{name}", value, step)
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def offset(self) -> int:
         self.fh.flush()
         return self.fh.tell()
 
     def close(self) -> None:
+        """Closes metrics.jsonl. The trackers stay open for the summary (`log_summary`), unless the run is failing or stopping:
+        called while an exception propagates (a preemption, an error), they are closed now, marked failed."""
         self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
+        if sys.exc_info()[0] is not None:
+            self._close_trackers(failed=True)
+
+    def log_summary(self, summary: dict) -> None:
+        """The summary's numbers and summary.json to every tracker, which are then closed."""
+        artifact = self.path.parent / "summary.json"
+        for tracker in self.trackers:
+            tracker.log_summary(summary)
+            if artifact.is_file():
+                tracker.log_artifact(artifact)
+        self._close_trackers(failed=False)
+
+    def _close_trackers(self, failed: bool) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed=failed)
 
 
 class NoMetrics:
@@ -71,16 +74,32 @@ class NoMetrics:
     def close(self) -> None:
         pass
 
+    def log_summary(self, summary: dict) -> None:
+        pass
 
-def open_metrics(run_dir: Path, is_main: bool, tensorboard: bool, resumed_step: int | None, offset: int | None) -> MetricsLog | NoMetrics:
-    """Rank 0's log (truncated to a resumed checkpoint's `offset`); a no-op elsewhere."""
+
+def tracker_names(cfg: RunConfig) -> list[str]:
+    """`logging.trackers`, with tensorboard added for the older `logging.tensorboard: true`."""
+    names = list(cfg.logging.trackers)
+    if cfg.logging.tensorboard and "tensorboard" not in names:
+        names.insert(0, "tensorboard")
+    return names
+
+
+def open_metrics(
+    run_dir: Path, is_main: bool, cfg: RunConfig, resumed_step: int | None, offset: int | None, run_id: str | None = None
+) -> MetricsLog | NoMetrics:
+    """Rank 0's log (truncated to a resumed checkpoint's `offset`) and its trackers, given the config; a no-op elsewhere."""
     if not is_main:
         return NoMetrics()
     path = run_dir / "metrics.jsonl"
     if offset is not None:
         with open(path, "r+b") as fh:
             fh.truncate(offset)
-    return MetricsLog(path, run_dir / "tensorboard" if tensorboard else None, resumed_step)
+    trackers = open_trackers(tracker_names(cfg), run_dir, run_id, cfg.name or run_dir.name, resumed_step)
+    for tracker in trackers:
+        tracker.log_config(cfg.model_dump(mode="json"))
+    return MetricsLog(path, trackers)
 
 
 class TrainMeter:
