@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
     d.add_argument("--overwrite", action="store_true", help="re-run strategies that already finished")
+    d.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per strategy (<out>/<strategy>-seed<k>), claims judged across them")
 
     w = sub.add_parser("sweep", help="run a grid of runs (model × replay rate × alignment × seed); table + scaling report")
     w.add_argument("sweep_file", help="sweep YAML (base config + grid; see examples/sweep-tiny.yaml)")
@@ -269,7 +270,7 @@ def _cmd_demo(args) -> int:
     from cpt.training.device import ensure_threads
 
     ensure_threads()
-    run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+    run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite, seeds=args.seeds)
     return 0
 
 

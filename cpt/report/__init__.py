@@ -22,7 +22,7 @@ from typing import Any
 
 from cpt import atomic
 from cpt.errors import CptError
-from cpt.report import plots
+from cpt.report import plots, seeds
 from cpt.report.render import (
     Block,
     Bullets,
@@ -377,6 +377,21 @@ def _replay_source_blocks(r: Run) -> list[Block]:
     ]
 
 
+def _seed_summaries(runs: list[Run]) -> list[dict[str, Any]]:
+    """Each run's summary for `seeds.report_blocks`, under its report name and with its saved config.yaml (the seed and
+    the Reptile and merge settings the summary lacks); a missing or unreadable config.yaml is just left out."""
+    import yaml  # why here: only this section reads the configs
+
+    out = []
+    for r in runs:
+        try:
+            config = yaml.safe_load((r.path / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            config = None
+        out.append({**r.summary, "run": r.name, "config": config if isinstance(config, dict) else None})
+    return out
+
+
 def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> dict[str, Path]:
     """Write report.md, report.html and the PNG figures for `run_dirs` into `out`.
 
@@ -414,6 +429,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
             names,
             {c.long: [r.metric(c.key) for r in runs] for c in METRICS if c.key in ("forgetting_score", "learned_loss", "avg_final_loss")},
         ),
+        *seeds.report_blocks(_seed_summaries(runs)),  # only with at least 2 seeds of one strategy
     ]
 
     # Forgetting at a glance: every run's loss on the first task, on one axis. Task
