@@ -88,3 +88,11 @@ def test_truncated_last_metrics_line_is_tolerated(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("\n".join([text[0], "{oops", *text[1:]]))
     with pytest.raises(CptError, match=r"metrics\.jsonl:2: not valid JSON"):
         write_report([run], tmp_path / "out")
+
+
+def test_text_columns_are_left_and_number_columns_right_headers_included(report: dict[str, Path]) -> None:
+    md = report["report.md"].read_text(encoding="utf-8")
+    html = report["report.html"].read_text(encoding="utf-8")
+    assert "| run | strategy | forgetting |" in md and "|:---|:---|---:|" in md
+    # the strategy column names the method and its settings, header and cells left-aligned like the run names
+    assert '<th class="t">strategy</th><th>forgetting</th>' in html and '<td class="t">replay α=0.25</td>' in html

@@ -156,7 +156,7 @@ def test_section_tables_right_align_numbers_and_show_mean_and_ci() -> None:
     assert means.rows[0][:3] == ["sequential", "0, 1, 2", "2.000 ± 2.484"] and means.rows[1][2] == "0.300 (1 seed)"
     assert claims.rows[0][1] == "not separable from noise at 1 seed"
     md = to_markdown("t", blocks)
-    assert "|:---|:---|---:|---:|---:|---:|---:|" in md  # label and seeds left, every metric right
+    assert "|:---|---:|---:|---:|---:|---:|---:|" in md  # the label left; seeds and every metric right, headers too
     assert not report_blocks([run("sequential", 0, 0.8, 3.6), run("replay", 0, 0.3, 3.5)])  # one seed each: no section
     assert any(isinstance(b, Para) and "No pair" in b.text for b in report_blocks([run("sequential", s, 0.8, 3.6) for s in (0, 1)]))
 
@@ -181,7 +181,7 @@ def test_report_has_an_across_seeds_section_with_two_seeds_and_not_with_one(tmp_
     assert "## Across seeds" in md
     assert "| replay α=0.25 | 0, 1 |" in md and "| replay α=0.25 forgets less than sequential | holds | 2 |" in md
     html = (tmp_path / "report2" / "report.html").read_text()
-    assert "<h2>Across seeds</h2>" in html and "<td>holds</td>" in html
+    assert "<h2>Across seeds</h2>" in html and '<td class="t">holds</td>' in html
     md = write_report(_runs(tmp_path / "one", (0,)), tmp_path / "report1")["report.md"].read_text()
     assert "Across seeds" not in md and "## Summary" in md
 

@@ -260,7 +260,7 @@ def _table(runs: list[Run]) -> Table:
         rows.append(
             [
                 r.name,
-                str(r.summary.get("strategy", "—")),
+                _label(r),
                 *(r.metric(c.key) for c in METRICS),  # numbers: the renderer bolds the best
                 *([r.source_forgetting()] if with_sources else []),
                 f"{_tokens(tok.get('new'))} / {_tokens(tok.get('replay', 0))}",
@@ -377,19 +377,29 @@ def _replay_source_blocks(r: Run) -> list[Block]:
     ]
 
 
-def _seed_summaries(runs: list[Run]) -> list[dict[str, Any]]:
-    """Each run's summary for `seeds.report_blocks`, under its report name and with its saved config.yaml (the seed and
-    the Reptile and merge settings the summary lacks); a missing or unreadable config.yaml is just left out."""
-    import yaml  # why here: only this section reads the configs
+def _config_of(r: Run) -> dict | None:
+    """The run's saved config.yaml as a mapping (None when missing or unreadable), read once per run."""
+    if not hasattr(r, "_config"):
+        import yaml  # why here: only the labels and the seeds section read the configs
 
-    out = []
-    for r in runs:
         try:
             config = yaml.safe_load((r.path / "config.yaml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             config = None
-        out.append({**r.summary, "run": r.name, "config": config if isinstance(config, dict) else None})
-    return out
+        r._config = config if isinstance(config, dict) else None
+    return r._config
+
+
+def _label(r: Run) -> str:
+    """The strategy column: the method and its settings ("replay α=0.25", "MER (replay α=0.25 + Reptile k=5 β=0.7)"),
+    the same label the across-seeds tables use, not the summary's training.strategy (sequential for all of those)."""
+    return seeds.strategy_label({**r.summary, "config": _config_of(r)})
+
+
+def _seed_summaries(runs: list[Run]) -> list[dict[str, Any]]:
+    """Each run's summary for `seeds.report_blocks`, under its report name and with its saved config.yaml (the seed and
+    the Reptile and merge settings the summary lacks); a missing or unreadable config.yaml is just left out."""
+    return [{**r.summary, "run": r.name, "config": _config_of(r)} for r in runs]
 
 
 def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> dict[str, Path]:
@@ -466,7 +476,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
             slug += "_"
         slugs.add(slug)
         blocks += [
-            Heading(f"{r.name} ({r.summary.get('strategy', '?')})", 3),
+            Heading(f"{r.name} ({_label(r)})", 3),
             Para(_details(r)),
             figure(
                 f"matrix_{slug}.png",

@@ -58,7 +58,7 @@ padding:0 1em;color:#222;line-height:1.45}
 h1,h2,h3{line-height:1.2}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;font-size:.92em;margin:1em 0}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child,td:nth-child(2){text-align:left}
+th.t,td.t{text-align:left}
 code{background:#f4f4f4;padding:0 .2em;border-radius:3px}
 img{max-width:100%;display:block;margin:1em 0}
 """
@@ -83,6 +83,20 @@ def _cells(table: Table) -> list[list[tuple[str, bool]]]:
     ]
 
 
+_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: a word, not a unit (600k, 1e-05) or a sign
+
+
+def text_columns(table: Table, cells: list[list[tuple[str, bool]]]) -> set[int]:
+    """The columns read as text (left-aligned): the first, and any whose every filled cell holds a word; the rest
+    are numbers (right-aligned, header included, so a column's header sits over its values)."""
+    out = {0}
+    for c in range(1, len(table.header)):
+        filled = [row[c][0] for row in cells if row[c][0] != "—"]
+        if filled and all(_WORD.search(t) for t in filled):
+            out.add(c)
+    return out
+
+
 def to_markdown(title: str, blocks: list[Block]) -> str:
     out = [f"# {title}", ""]
     for b in blocks:
@@ -99,9 +113,11 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
             def line(cells: list[str]) -> str:
                 return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+            cells = _cells(b)
+            text = text_columns(b, cells)
             out.append(line(b.header))
-            out.append("|" + "|".join(":---" if i < 2 else "---:" for i in range(len(b.header))) + "|")
-            out += [line([f"**{t}**" if bold else t for t, bold in row]) for row in _cells(b)]
+            out.append("|" + "|".join(":---" if i in text else "---:" for i in range(len(b.header))) + "|")
+            out += [line([f"**{t}**" if bold else t for t, bold in row]) for row in cells]
             out.append("")
     return "\n".join(out)
 
@@ -128,12 +144,21 @@ def to_html(title: str, blocks: list[Block], image_dir: Path) -> str:
             data = base64.b64encode((image_dir / b.file).read_bytes()).decode("ascii")
             out.append(f'<img alt="{html.escape(b.alt)}" src="data:image/png;base64,{data}">')
         elif isinstance(b, Table):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            cells = _cells(b)
+            text = text_columns(b, cells)
+
+            def cls(c: int, text: set[int] = text) -> str:
+                return ' class="t"' if c in text else ""
+
+            head = "".join(f"<th{cls(c)}>{html.escape(h)}</th>" for c, h in enumerate(b.header))
             rows = "".join(
                 "<tr>"
-                + "".join(f"<td><strong>{html.escape(t)}</strong></td>" if bold else f"<td>{html.escape(t)}</td>" for t, bold in row)
+                + "".join(
+                    f"<td{cls(c)}><strong>{html.escape(t)}</strong></td>" if bold else f"<td{cls(c)}>{html.escape(t)}</td>"
+                    for c, (t, bold) in enumerate(row)
+                )
                 + "</tr>"
-                for row in _cells(b)
+                for row in cells
             )
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     out.append("</body></html>\n")
