@@ -88,6 +88,11 @@ def test_bad_sources_name_the_file(tok, tmp_path):
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(CptError, match=r"bad.jsonl:2: no 'text' field"):
         prepare_task("x", bad, tok, tmp_path, **quiet)
+    # the error names the field of the task (or replay source) whose file it is, not a placeholder
+    with pytest.raises(CptError, match=r"bad.jsonl:2: no 'text' field \(set tasks.1.text_field\)$"):
+        prepare_task("x", bad, tok, tmp_path, where="tasks.1 (x)", **quiet)
+    with pytest.raises(CptError, match=r"bad.jsonl:2: no 'text' field \(set replay.sources.0.text_field\)$"):
+        list(iter_documents(bad, where="replay.sources.0.path"))
 
 
 def test_non_utf8_documents_are_skipped_and_counted(tok, tmp_path, small_texts):

@@ -265,6 +265,15 @@ def test_a_source_with_fewer_sequences_than_asked_is_refused_before_anything_is_
     assert not (tmp_path / "never").exists()
 
 
+def test_a_sources_unreadable_data_is_named_by_its_own_field(small_texts, tmp_path):
+    """A JSONL source without the text field: the error names `replay.sources.0.text_field`, not a task's field."""
+    data = tmp_path / "web.jsonl"
+    data.write_text("".join(json.dumps({"body": d}) + "\n" for d in corpus_docs("en")[:40]))
+    cfg = _config(small_texts, sources=[_source(small_texts, path=str(data))])
+    with pytest.raises(CptError, match=r"web.jsonl:1: no 'text' field \(set replay.sources.0.text_field\)$"):
+        cpt.train(validate(cfg), tmp_path / "never")
+
+
 def test_the_cli_refuses_with_one_line_and_exit_code_2(small_texts, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(_config(small_texts)))

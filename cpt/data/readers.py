@@ -33,6 +33,7 @@ the mtime, or a write within the filesystem's timestamp granularity) is not noti
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -333,11 +334,25 @@ def iter_documents(
     where: str = "tasks.N.path",
 ) -> Iterator[str]:
     """Yield the documents of a task's sources (`expand_sources`), file after file; raises CptError naming the file on bad input."""
+    field = where.removesuffix(".path") if where.endswith(".path") else "tasks.N"
     if documents not in DOCUMENT_MODES:
-        raise CptError(f"tasks.N.documents: {documents!r} is not one of {', '.join(DOCUMENT_MODES)}")
+        raise CptError(f"{field}.documents: {documents!r} is not one of {', '.join(DOCUMENT_MODES)}")
     stats = stats if stats is not None else ReadStats()
-    for f in expand_sources(path, where):
-        yield from _iter_file(f, fmt, text_field, stats, documents)
+    with naming(field):
+        for f in expand_sources(path, where):
+            yield from _iter_file(f, fmt, text_field, stats, documents)
+
+
+@contextlib.contextmanager
+def naming(field: str):
+    """The readers' errors say `tasks.N.text_field` (they do not know whose file they read): inside this, they name
+    the caller's field instead (`tasks.2.text_field`, `tasks.0.sources.1.format`, `replay.sources.0.text_field`)."""
+    try:
+        yield
+    except CptError as err:
+        if field == "tasks.N" or "tasks.N." not in str(err):
+            raise
+        raise CptError(str(err).replace("tasks.N.", f"{field}.")) from None
 
 
 @dataclass(frozen=True)

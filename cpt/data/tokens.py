@@ -38,7 +38,7 @@ from cpt import atomic
 from cpt.config import TaskConfig
 from cpt.data.mixture import concat
 from cpt.data.prepare import PLAN_VERSION, Settings, finalize, open_shards, plan_units, run_units, start_partial
-from cpt.data.readers import content_fingerprint, data_files, detect_format, expand_sources
+from cpt.data.readers import content_fingerprint, data_files, detect_format, expand_sources, naming
 from cpt.data.tokenizer import TextTokenizer
 from cpt.data.views import TokenView
 from cpt.errors import CptError
@@ -171,17 +171,19 @@ def prepare_task(
     """
     settings = settings or Settings()
     where = where or f"task {name!r}"
-    field = where.split(" ")[0] if where.startswith("tasks.") else "tasks.N"
+    # the config field the errors name: `tasks.0`, `tasks.1.sources.2`, `replay.sources.0` (as the caller says)
+    field = where.split(" ")[0] if where.startswith(("tasks.", "replay.sources.")) else "tasks.N"
     files = expand_sources(path, f"{field}.path")
     source = key_of_source or source_key(path, fmt, text_field, documents=documents, where=f"{field}.path")
     directory = cache / "tokens" / entry_key(source, tok, val_fraction, documents)
     if not (directory / "meta.json").is_file():
-        if settings.world > 1:
-            _build(name, files, tok, directory, fmt, text_field, val_fraction, log, documents, where, field, dtype, settings)
-            return None
-        with _entry_lock(directory):
-            if not (directory / "meta.json").is_file():
+        with naming(field):
+            if settings.world > 1:
                 _build(name, files, tok, directory, fmt, text_field, val_fraction, log, documents, where, field, dtype, settings)
+                return None
+            with _entry_lock(directory):
+                if not (directory / "meta.json").is_file():
+                    _build(name, files, tok, directory, fmt, text_field, val_fraction, log, documents, where, field, dtype, settings)
     return open_entry(name, directory, tok)
 
 

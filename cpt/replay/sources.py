@@ -83,9 +83,10 @@ def proxies(cfg: RunConfig) -> list[tuple[int, ReplaySourceConfig]]:
     return [(k, s) for k, s in enumerate(cfg.replay.sources) if s.path is not None]
 
 
-def corpora(cfg: RunConfig) -> list[TaskConfig]:
-    """The corpora a BPE trained by the run learns from: the tasks, then the replay sources read from data, as tasks."""
-    return [*cfg.tasks, *(s.as_task() for _, s in proxies(cfg))]
+def corpora(cfg: RunConfig) -> list[tuple[str, TaskConfig]]:
+    """The corpora a BPE trained by the run learns from, each with the config field its errors name: the tasks
+    (`tasks.N`), then the replay sources read from data, as tasks (`replay.sources.N`)."""
+    return [*((f"tasks.{i}", t) for i, t in enumerate(cfg.tasks)), *((f"replay.sources.{k}", s.as_task()) for k, s in proxies(cfg))]
 
 
 def source_keys(cfg: RunConfig, cache: Path | None) -> list[str]:

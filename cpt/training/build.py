@@ -75,10 +75,11 @@ def _given_tokenizer(cfg: RunConfig) -> TextTokenizer | None:
     return None
 
 
-def _training_documents(task: TaskConfig, index: int) -> Iterator[str]:
-    """A task's training documents in reading order (the held-out ones left out); a task of sources: each source's, in turn."""
+def _training_documents(task: TaskConfig, field: str) -> Iterator[str]:
+    """A task's training documents in reading order (the held-out ones left out); a task of sources: each source's, in
+    turn. `field`: the task's config field (`tasks.2`, `replay.sources.0`), which read errors name."""
     for j, part in enumerate(task.parts()):
-        where = f"tasks.{index}.path" if task.sources is None else f"tasks.{index}.sources.{j}.path"
+        where = f"{field}.path" if task.sources is None else f"{field}.sources.{j}.path"
         docs = iter_documents(part.path, part.format, part.text_field, documents=part.documents, where=where)
         yield from split_documents(docs, part.val_fraction, "train")
 
@@ -115,7 +116,7 @@ def bpe_sample(docs: Iterable[str], budget: int) -> tuple[list[str], dict]:
     return [k[1] for k in kept], record
 
 
-def _sample_fits_whole(task: TaskConfig, index: int, key: str, budget: int, cache: Path, samples: dict, log) -> bool:
+def _sample_fits_whole(task: TaskConfig, index: int, field: str, key: str, budget: int, cache: Path, samples: dict, log) -> bool:
     """Whether task `index`'s training split is under the BPE sample bound (so its sample is all of it).
 
     Learnt by reading the task once (`bpe_sample`, whose texts are kept in `samples` for the trainer)
@@ -128,7 +129,7 @@ def _sample_fits_whole(task: TaskConfig, index: int, key: str, budget: int, cach
     except (OSError, ValueError, KeyError, TypeError):
         pass
     t0 = time.perf_counter()
-    samples[index], record = bpe_sample(_training_documents(task, index), budget)
+    samples[index], record = bpe_sample(_training_documents(task, field), budget)
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(record_file, record)
     took = ("all" if record["whole"] else "all, one or more cut to the bound") if record["stride"] == 1 else f"1 in {record['stride']}"
@@ -161,20 +162,20 @@ def load_or_train_tokenizer(cfg: RunConfig, cache: Path, source_keys: list[str],
     samples: dict[int, list[str]] = {}  # texts of the tasks read while finding the key
     parts = []
     corpora = replay_sources.corpora(cfg)  # the tasks, then the replay sources: a BPE learns from both alike
-    for i, (key, t) in enumerate(zip(source_keys, corpora)):
-        whole = not budget or _sample_fits_whole(t, i, key, budget, cache, samples, log)
+    for i, (key, (field, t)) in enumerate(zip(source_keys, corpora)):
+        whole = not budget or _sample_fits_whole(t, i, field, key, budget, cache, samples, log)
         parts.append(f"{key}:{t.val_fraction}" + ("" if whole else f":sample={budget}B"))
     settings = f"{'|'.join(parts)}|{tc.vocab_size}|{tc.min_frequency}"
     key = hashlib.sha256(settings.encode()).hexdigest()[:20]
 
     def texts():
         # consumed only when the BPE is not cached yet; a task not read above (its record was cached) is read now
-        for i, t in enumerate(corpora):
+        for i, (field, t) in enumerate(corpora):
             if not budget:
-                yield from _training_documents(t, i)
+                yield from _training_documents(t, field)
                 continue
             docs = samples.pop(i, None)
-            yield from docs if docs is not None else bpe_sample(_training_documents(t, i), budget)[0]
+            yield from docs if docs is not None else bpe_sample(_training_documents(t, field), budget)[0]
 
     t0 = time.perf_counter()
     tok = train_or_load_bpe(key, texts(), tc.vocab_size, tc.min_frequency, cache)
