@@ -286,6 +286,14 @@ def test_cpt_prepare_prints_the_manifest_and_refuses_bad_settings(big_text, tmp_
     meta = json.loads(next((tmp_path / "c").glob("tokens/*/meta.json")).read_text())
     row = next(line for line in out.splitlines() if line.startswith("en "))
     assert f"{meta['train_tokens']:,}" in row and f"{meta['val_tokens']:,}" in row and str(len(meta["shards"])) in row.split()
+    # a replay source is listed too, its longer name widening the name column so every column stays aligned
+    sourced = {**cfg, "replay": {"rate": 0.25, "sources": [{"name": "english-web-proxy", "path": str(big_text), "tokens": 1000}]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sourced))
+    assert main(["prepare", str(tmp_path / "s.yaml"), "--workers", "1", "--shard-mb", "0.5"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("tokenizer:")]
+    assert [line.split()[0] for line in table] == ["task", "en", "english-web-proxy"]
+    ends = {line.index("entry") if i == 0 else line.index("  /") + 2 for i, line in enumerate(table)}
+    assert len(ends) == 1, table  # the entry column starts at one place in the header and every row
     assert main(["prepare", str(tmp_path / "p.yaml"), "--rank", "2", "--world", "2"]) == 2
     assert "--rank 2 --world 2" in capsys.readouterr().err
     del cfg["tokenizer"]

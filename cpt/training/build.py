@@ -235,22 +235,23 @@ def prepare_config(
     lines = [f"tokenizer: {tokenizer.source} (vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id}, fingerprint {tokenizer.fingerprint})"]
     if tokenizer_only:
         return lines
-    lines.append(f"{'task':<12} {'documents':>10} {'train tokens':>14} {'val tokens':>12} {'max id':>7} {'shards':>6}  entry")
     prepared = [
         (t.name, prepare_for(t, tokenizer, cache, log=log, key_of_source=key, index=i, settings=settings))
         for i, (key, t) in enumerate(zip(keys, cfg.tasks))
     ]
     sources = replay_sources.prepare(cfg, tokenizer, cache, extra, log, settings)
     prepared += [(f"{s.name} (replay source)", t) for (_, s), t in zip(replay_sources.proxies(cfg), sources)]
+    w = max([12, *(len(name) for name, _ in prepared)])  # the name column fits the longest name
+    lines.append(f"{'task':<{w}} {'documents':>10} {'train tokens':>14} {'val tokens':>12} {'max id':>7} {'shards':>6}  entry")
     for name, task in prepared:
         if task is None:
-            lines.append(f"{name:<12} share {settings.rank} of {settings.world} done; run `cpt prepare` once more (world 1) to finish")
+            lines.append(f"{name:<{w}} share {settings.rank} of {settings.world} done; run `cpt prepare` once more (world 1) to finish")
             continue
         m = task.meta
         shards = sum(len(p.meta.get("shards", [1])) for p in (task.parts or [task]))
         top = max(m.get("max_train_id", -1), m.get("max_val_id", -1))
         lines.append(
-            f"{name:<12} {m['documents']:>10,} {m['train_tokens']:>14,} {m['val_tokens']:>12,} {top:>7} {shards:>6}  "
+            f"{name:<{w}} {m['documents']:>10,} {m['train_tokens']:>14,} {m['val_tokens']:>12,} {top:>7} {shards:>6}  "
             + ", ".join(str(p.directory) for p in (task.parts or [task]))
         )
     return lines
