@@ -27,6 +27,8 @@ from pathlib import Path
 from cpt.config import validate
 from cpt.errors import CptError
 from cpt.report import write_report
+from cpt.report.render import to_markdown
+from cpt.report.seeds import report_blocks
 from cpt.runs import METRICS, WALL, Column, count, markdown_table, run_all
 
 HANDBOOK = Path(__file__).resolve().parent / "corpus" / "handbook"
@@ -81,7 +83,8 @@ def demo_config(strategy: str, quick: bool = False) -> dict:
 
 def seeded_runs(strategies: list[str], seeds: int) -> list[tuple[str, str, int]]:
     """(run name, strategy, seed) of every demo run: "<strategy>" with seed 0 for one seed, else "<strategy>-seed<k>" for
-    k in 0..seeds−1, seeds inner, so a demo stopped early has every strategy at its first seeds."""
+    k in 0..seeds−1, seed by seed (every strategy of seed 0, then of seed 1, …), so a demo stopped early has every
+    strategy at its first seeds."""
     if seeds < 1:
         raise CptError(f"--seeds: at least 1, got {seeds}")
     if seeds == 1:
@@ -104,7 +107,7 @@ def run_demo(
     summaries, _ = run_all(runs, overwrite=overwrite, what="demo")
     report = write_report([out / run for run, _, _ in planned], out / "report", title="cpt demo: " + " → ".join(LANGS))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    print(results_table(summaries))
+    print(printed_results(planned, summaries, {run: cfg.model_dump(mode="json") for run, _, cfg in runs}))
     print(f"\nreport: {report['report.html']}\n        {report['report.md']}")
     return summaries
 
@@ -122,6 +125,16 @@ COLUMNS = [
 ]
 
 
-def results_table(summaries: dict[str, dict]) -> str:
-    """The Markdown table the README quotes."""
-    return markdown_table([{**s, "demo_strategy": name} for name, s in summaries.items()], COLUMNS)
+def printed_results(planned: list[tuple[str, str, int]], summaries: dict[str, dict], configs: dict[str, dict]) -> str:
+    """What the demo prints at its end: the results table, one row per run; with several seeds each row names its
+    strategy and seed, and the claims judged across the seeds follow (the report's "Across seeds" section)."""
+    if len({seed for _, _, seed in planned}) < 2:
+        return results_table(summaries)
+    out = results_table(summaries, {run: f"{name} (seed {seed})" for run, name, seed in planned})
+    blocks = report_blocks([{**s, "run": run, "config": configs.get(run)} for run, s in summaries.items()])
+    return out + "\n\n" + "\n".join(to_markdown("", blocks).splitlines()[2:]).rstrip()
+
+
+def results_table(summaries: dict[str, dict], names: dict[str, str] | None = None) -> str:
+    """The Markdown table the README quotes; `names`: what the strategy column says for a run (default: its name)."""
+    return markdown_table([{**s, "demo_strategy": (names or {}).get(run, run)} for run, s in summaries.items()], COLUMNS)

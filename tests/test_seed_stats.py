@@ -12,7 +12,7 @@ import yaml
 
 from cpt.cli import _parser
 from cpt.config import validate
-from cpt.demo import _seeded, demo_config, seeded_runs
+from cpt.demo import _seeded, demo_config, printed_results, seeded_runs
 from cpt.errors import CptError
 from cpt.report import write_report
 from cpt.report.render import Para, Table, to_markdown
@@ -196,3 +196,21 @@ def test_demo_seeds_layout_and_cli_flag() -> None:
     assert (cfg.seed, cfg.name) == (2, "replay-seed2")
     assert demo_config("replay") == _seeded(demo_config("replay"), "replay", 0)  # one seed: the config is unchanged
     assert _parser().parse_args(["demo", "--seeds", "3"]).seeds == 3 and _parser().parse_args(["demo"]).seeds == 1
+
+
+def test_the_demo_prints_each_runs_strategy_and_seed_and_the_claims_across_seeds() -> None:
+    planned = seeded_runs(["sequential", "replay"], 2)
+    made = {
+        "sequential-seed0": run("sequential", 0, 2.0, 8.0),
+        "replay-seed0": run("replay", 0, 0.05, 6.5),
+        "sequential-seed1": run("sequential", 1, 2.2, 8.1),
+        "replay-seed1": run("replay", 1, 0.07, 6.6),
+    }
+    summaries = {name: {k: v for k, v in s.items() if k != "config"} for name, s in made.items()}  # what training returns
+    configs = {name: s["config"] for name, s in made.items()}
+    lines = printed_results(planned, summaries, configs).splitlines()
+    assert lines[3].startswith("| replay (seed 0) | 0.050 |") and lines[5].startswith("| replay (seed 1) | 0.070 |")
+    assert "## Across seeds" in lines
+    assert any(line.startswith("| replay α=0.25 forgets less than sequential | holds | 2 |") for line in lines)
+    one = printed_results(seeded_runs(["replay"], 1), {"replay": summaries["replay-seed0"]}, {}).splitlines()
+    assert one[2].startswith("| replay | 0.050 |") and len(one) == 3  # one seed: the table the README quotes, nothing more

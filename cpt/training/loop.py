@@ -371,6 +371,7 @@ class Run:
         summary = {
             "run": cfg.name or self.out.name,
             "strategy": cfg.training.strategy,
+            "seed": cfg.seed,
             "tasks": [t.name for t in self.tasks],
             "loss_matrix": p.loss_matrix,
             **evaluate.summarize(p.loss_matrix),
