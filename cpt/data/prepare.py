@@ -388,9 +388,11 @@ def finalize(partial: Path, units: list[Unit], results: dict[int, UnitResult], v
         cut = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
         run_lo = np.concatenate([[0], cut])
         run_hi = np.concatenate([cut, [n]])
-        for lo, hi in zip(run_lo, run_hi):
-            seg = np.array([[u.index, starts[lo], ends[hi - 1]]], dtype=np.int64)
-            (val_segments if flags[lo] else train_segments).append(seg)
+        # one (unit, start, end) row per run, vectorised: at 100M documents there are ~10M runs
+        segs = np.stack([np.full(len(run_lo), u.index, np.int64), starts[run_lo], np.asarray(ends)[run_hi - 1]], axis=1).astype(np.int64)
+        is_val = flags[run_lo]
+        val_segments.append(segs[is_val])
+        train_segments.append(segs[~is_val])
         lens = np.asarray(ends) - starts
         counts["val"] += int(lens[flags].sum())
         counts["train"] += int(lens[~flags].sum())
