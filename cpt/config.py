@@ -301,7 +301,7 @@ class BufferConfig(Section):
         None,
         description="A buffer kept by an earlier run (its `replay.buffer.dir`, or `<run>/replay`) to start from: its rows "
         "are copied into this run's buffer (the source is only read) and replayed as earlier tasks, whose ids come "
-        "before this run's, so the first task replays too. Needs the same world size, row length and buffer settings.",
+        "before this run's, so the first task replays too. Written by another number of ranks, its rows are dealt anew to this run's (`cpt.replay.remap`); needs the same row length and buffer settings.",
     )
     store: Literal["rows", "refs"] = Field(
         "rows",

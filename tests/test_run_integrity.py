@@ -12,7 +12,7 @@ import yaml
 import cpt
 from cpt.config import validate
 from cpt.errors import CptError
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 
 def _metrics(run_dir):
@@ -48,15 +48,64 @@ def test_a_sweep_gives_each_run_its_own_buffer(small_texts, tmp_path):
     assert dirs == [str(tmp_path / "buf" / r.name) for r in runs] and len(set(dirs)) == 2
 
 
-def test_buffer_init_refuses_another_world_size(small_texts, tmp_path):
-    """Shards map one to one onto ranks: a buffer written by 1 rank is not silently half-used by 2."""
-    from cpt.replay import ownership
+def _rows_by_task(replay_dir) -> dict[int, list[bytes]]:
+    """Every stored row of a buffer directory, by task id, over all its shards (sorted: a multiset)."""
+    from cpt.replay.buffer import ReplayBuffer
 
+    out: dict[int, list[bytes]] = {}
+    for meta_file in sorted(replay_dir.glob("shard-*.meta.json")):
+        shard = int(meta_file.name[6:9])
+        buf = ReplayBuffer.open(replay_dir, shard)
+        for t, slots in json.loads(meta_file.read_text())["task_slots"]:
+            rows = buf.read(np.asarray(sorted(slots), dtype=np.int64))[0]
+            out.setdefault(int(t), []).extend(r.tobytes() for r in rows)
+        buf.close()
+    return {t: sorted(rows) for t, rows in sorted(out.items())}
+
+
+def _hashes(directory) -> dict[str, str]:
+    import hashlib
+
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_buffer_init_from_another_world_size_deals_its_rows_anew(small_texts, tmp_path):
+    """A buffer written by 1 rank starts a 2-rank run, whose 2-shard buffer starts a 1-process run: each time every
+    stored row is carried over (the same multiset per task id), split over the new ranks, the source only read."""
     cfg = tiny_config(small_texts, replay={"rate": 0.25}, checkpoint={"task_ends": False})
     cpt.train(validate(cfg), tmp_path / "a")
-    cfg["replay"]["buffer"] = {"init": str(tmp_path / "a" / "replay")}
-    with pytest.raises(CptError, match=r"replay.buffer.init: .* was written by 1 rank\(s\) and this run has 2; run with 1"):
-        ownership.check_buffers(validate(cfg), tmp_path / "b", "id", resume=False, world=2, dtype="uint16")
+    source = tmp_path / "a" / "replay"
+    before, rows_a = _hashes(source), _rows_by_task(source)
+    assert sorted(rows_a) == [0, 1] and all(rows_a.values())
+    # 2 ranks from a's 1 shard: tasks 2, 3 after a's 0, 1
+    two = dict(cfg, replay={"rate": 0.25, "buffer": {"init": str(source)}}, training={**cfg["training"], "batch_size": 2})
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(two))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    proc = subprocess.run(
+        [*cmd, "-m", "cpt", "train", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "b")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "its 1 shard(s) are dealt anew to this run's 2 rank(s)" in proc.stderr
+    assert _hashes(source) == before  # only read
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert b["world_size"] == 2 and b["replay_fraction"][0] == pytest.approx(0.25)  # task 0 replays a's rows
+    rows_b = _rows_by_task(tmp_path / "b" / "replay")
+    assert {t: rows_b[t] for t in (0, 1)} == rows_a  # every row of a, once
+    fills = [json.loads((tmp_path / "b" / "replay" / f"shard-00{r}.meta.json").read_text())["fill"] for r in (0, 1)]
+    assert abs(fills[0] - fills[1]) <= 1
+    assert not list((tmp_path / "b").glob(".replay-init*"))  # the dealt copy is gone
+    # 1 process from b's 2 shards
+    one = dict(cfg, replay={"rate": 0.25, "buffer": {"init": str(tmp_path / "b" / "replay")}})
+    c = cpt.train(validate(one), tmp_path / "c")
+    assert c["replay_fraction"][0] == pytest.approx(0.25)
+    rows_c = _rows_by_task(tmp_path / "c" / "replay")
+    assert {t: rows_c[t] for t in (0, 1, 2, 3)} == rows_b
+    # another capacity than the buffer's is refused in one line
+    from cpt.replay import ownership
+
+    capped = dict(cfg, replay={"rate": 0.25, "buffer": {"init": str(source), "capacity": 100, "capacity_unit": "sequences"}})
+    with pytest.raises(CptError, match=r"^replay.buffer.capacity: this run's buffer holds 100 sequences but the buffer at .* holds all"):
+        ownership.check_buffers(validate(capped), tmp_path / "d", "id", resume=False, world=2, dtype="uint16")
 
 
 # ------------------------------------------------------------- 2 + 3. capacity is global; compile under DDP

@@ -123,11 +123,6 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
     info = peek(source)
     if info is None:
         raise CptError(f"replay.buffer.init: {source} holds no cpt replay buffer (no shard-000.meta.json)")
-    if info["shards"] != world:
-        raise CptError(
-            f"replay.buffer.init: {source} was written by {info['shards']} rank(s) and this run has {world}; "
-            f"run with {info['shards']} (shards are not remapped to another world size)"
-        )
     if info["store"] != "rows":
         raise CptError(
             f"replay.buffer.init: {source} stores references into its own run's token files (replay.buffer.store: "
@@ -142,9 +137,17 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
         raise CptError(f"replay.buffer.policy: {rp.buffer.policy} but the buffer at replay.buffer.init uses {info['policy']}")
     total = global_capacity_rows(cfg)
     want = [shard_capacity(total, world, r) for r in range(world)]
-    if info["capacity_rows"] != want:
+    if info["shards"] == world and info["capacity_rows"] != want:
         raise CptError(
             f"replay.buffer.capacity: this run's shards hold {want} sequences but the buffer at replay.buffer.init "
             f"holds {info['capacity_rows']}; use the same capacity"
         )
-    log(f"replay: starting from a copy of {source}: {describe(info)}")
+    caps = info["capacity_rows"]
+    theirs = None if any(c is None for c in caps) else sum(caps)
+    if info["shards"] != world and theirs != total:
+        raise CptError(
+            f"replay.buffer.capacity: this run's buffer holds {'all sequences' if total is None else f'{total:,} sequences'} "
+            f"but the buffer at replay.buffer.init holds {'all' if theirs is None else f'{theirs:,}'}; use the same capacity"
+        )
+    dealt = "" if info["shards"] == world else f"; its {info['shards']} shard(s) are dealt anew to this run's {world} rank(s)"
+    log(f"replay: starting from a copy of {source}: {describe(info)}{dealt}")

@@ -46,7 +46,7 @@ from cpt.errors import CptError
 from cpt.model import NotReplayable, enable_activation_checkpointing, meta_model_for, model_for
 from cpt.replay import ownership
 from cpt.replay import sources as replay_sources
-from cpt.replay.buffer import ReplayBuffer, copy_shard, remove_shard
+from cpt.replay.buffer import ReplayBuffer, copy_shard, peek, remove_shard
 from cpt.replay.mixing import MixedBatchSource, StepPlan
 from cpt.replay.prefetch import ReplayPrefetcher
 from cpt.training import distributed
@@ -535,7 +535,12 @@ def buffer_for(
     else:
         remove_shard(directory, rank)  # a stale shard of this run directory (never another run's)
         if bc.init:
-            copy_shard(Path(bc.init), directory, rank)
+            source = init_source_for(cfg, out, world, rank, log)  # collective
+            copy_shard(source, directory, rank)
+            if source != Path(bc.init):
+                distributed.barrier()  # every rank has copied its shard of the dealt buffer: it can go
+                if rank == 0:
+                    shutil.rmtree(source, ignore_errors=True)
             buffer = ReplayBuffer.open(directory, rank, store="rows")
             log(f"replay: copied {buffer.fill} sequence(s) per shard from {bc.init} (replay.buffer.init)")
         else:
@@ -550,6 +555,31 @@ def buffer_for(
             buffer.set_owner(owner)
     prefetcher = ReplayPrefetcher(buffer) if cfg.replay.prefetch else None  # it attaches itself to the buffer
     return buffer, prefetcher
+
+
+def init_source_for(cfg: RunConfig, out: Path, world: int, rank: int, log) -> Path:
+    """Where this run's ranks copy their shards of `replay.buffer.init` from. The directory itself when as many ranks
+    wrote it as this run has; else (collective) rank 0 copies its shards (the directory is only read: opening a
+    shard to deal its rows could rewrite its metadata) and deals their rows to `world` shards in `<out>/.replay-init`
+    (`cpt.replay.remap`: every stored row kept, capacities split as this run's, counters shared out), the others
+    wait; the caller removes it once every rank has its copy. Cost: two passes over the buffer, on rank 0, once."""
+    from cpt.replay.remap import remap_buffer
+
+    source = Path(cfg.replay.buffer.init)
+    shards = (peek(source, all_shards=False) or {}).get("shards", world)
+    if shards == world:
+        return source
+    dealt, copy = out / ".replay-init", out / ".replay-init-copy"
+    if rank == 0:
+        for d in (dealt, copy):
+            shutil.rmtree(d, ignore_errors=True)  # left by a start killed meanwhile
+        for q in range(shards):
+            copy_shard(source, copy, q)
+        states = [json.loads((source / f"shard-{q:03d}.meta.json").read_text()) for q in range(shards)]
+        remap_buffer(copy, states, dealt, world, ownership.global_capacity_rows(cfg), cfg.seed, log)
+        shutil.rmtree(copy)
+    distributed.barrier()
+    return dealt
 
 
 REMAP_RECORD = "remap.json"  # in a buffer directory: which checkpoint its shards were remapped from, to how many ranks
