@@ -143,7 +143,7 @@ def test_runs_of_another_model_size_are_not_pooled_as_seeds() -> None:
     large = [run("replay", s, 0.1, 3.0, parameters=8_000_000, tasks=["en", "fr"]) for s in (0, 1)]
     seq = [run("sequential", s, 0.8, 3.6, parameters=1_000_000, tasks=["en", "fr"]) for s in (0, 1)]
     groups, notes = group_runs(small + large + seq)
-    assert [g.label for g in groups] == ["replay α=0.25 (1,000,000 parameters)", "replay α=0.25 (8,000,000 parameters)", "sequential"]
+    assert [g.label for g in groups] == ["sequential", "replay α=0.25 (1,000,000 parameters)", "replay α=0.25 (8,000,000 parameters)"]
     assert not notes and all(len(g.runs) == 2 for g in groups)  # the large model's seeds 0, 1 are not "taken" by the small's
     assert [c.a for c in comparisons(groups)] == ["replay α=0.25 (1,000,000 parameters)"] * 2  # only the same size is compared
     other_tasks = [run("replay", s, 0.3, 3.5, parameters=1_000_000, tasks=["en", "de"]) for s in (0, 1)]
@@ -177,11 +177,16 @@ def _runs(tmp_path: Path, seeds: tuple[int, ...]) -> list[Path]:
 
 
 def test_report_has_an_across_seeds_section_with_two_seeds_and_not_with_one(tmp_path: Path) -> None:
-    md = write_report(_runs(tmp_path / "two", (0, 1)), tmp_path / "report2")["report.md"].read_text()
+    dirs = _runs(tmp_path / "two", (0, 1))
+    md = write_report(dirs[::-1], tmp_path / "report2")["report.md"].read_text()  # replay's runs given first
     assert "## Across seeds" in md
+    # the first screen: the strategies' means and the verdicts, before the table of every run
+    assert md.index("## Across seeds") < md.index("## Every run") and "## Summary" not in md
+    assert md.index("| sequential | 0, 1 |") < md.index("| replay α=0.25 | 0, 1 |")  # the paper's order, not the given one
     assert "| replay α=0.25 | 0, 1 |" in md and "| replay α=0.25 forgets less than sequential | holds | 2 |" in md
     html = (tmp_path / "report2" / "report.html").read_text()
     assert "<h2>Across seeds</h2>" in html and '<td class="t">holds</td>' in html
+    assert "<em>holds</em> when" in html and "*holds*" not in html  # the how-to-read's emphasis, rendered
     md = write_report(_runs(tmp_path / "one", (0,)), tmp_path / "report1")["report.md"].read_text()
     assert "Across seeds" not in md and "## Summary" in md
 

@@ -424,9 +424,13 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
         return Image(name, alt)
 
     names = [r.name for r in runs]
+    # with several seeds of a strategy, its mean ± CI and the claims' verdicts come first: the first screen then says
+    # which strategy forgot least and whether that is more than seed noise; the per-run table follows
+    across = seeds.report_blocks(_seed_summaries(runs))  # only with at least 2 seeds of one strategy
     blocks: list[Block] = [
         Para(f"{len(runs)} run(s): " + ", ".join(f"`{n}`" for n in names) + "."),
-        Heading("Summary"),
+        *across,
+        Heading("Every run" if across else "Summary"),
         _table(runs),
         Heading("How to read this"),
         *(b if isinstance(b, Bullets) else Para(b) for b in HOW_TO_READ),
@@ -439,7 +443,6 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> 
             names,
             {c.long: [r.metric(c.key) for r in runs] for c in METRICS if c.key in ("forgetting_score", "learned_loss", "avg_final_loss")},
         ),
-        *seeds.report_blocks(_seed_summaries(runs)),  # only with at least 2 seeds of one strategy
     ]
 
     # Forgetting at a glance: every run's loss on the first task, on one axis. Task

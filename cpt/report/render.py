@@ -123,7 +123,9 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
 
 
 def _inline(text: str) -> str:
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    """Markdown's inline `code` and *emphasis* as HTML (the Markdown report shows them as written)."""
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"(?<![\w*])\*(?=\S)([^*<>]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", out)
 
 
 def to_html(title: str, blocks: list[Block], image_dir: Path) -> str:

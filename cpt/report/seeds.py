@@ -192,7 +192,8 @@ def _setting(summary: dict) -> tuple:
 
 
 def group_runs(summaries: list[dict]) -> tuple[list[Group], list[str]]:
-    """The summaries grouped by `strategy_label` and setting (tasks, model size), in first-seen order, with one run per
+    """The summaries grouped by `strategy_label` and setting (tasks, model size), in `KIND_ORDER` (first-seen order
+    within a kind), with one run per
     seed; and notes on the runs left out (no seed known; a seed already taken in its group, where the first is kept).
     The same strategy in another setting is another group, its label marked with its tasks or size, never pooled:
     a difference between model sizes is not seed noise."""
@@ -217,7 +218,11 @@ def group_runs(summaries: list[dict]) -> tuple[list[Group], list[str]]:
                 notes.append(f"`{name}` ({label}): seed {seed} already given by `{g.runs[seed].get('run', '?')}`; left out")
             else:
                 g.runs[seed] = s
-    return groups, notes
+    # the paper's order of strategies (sequential first, joint last), whatever order the runs were given in
+    return sorted(groups, key=lambda g: KIND_ORDER.index(g.kind) if g.kind in KIND_ORDER else len(KIND_ORDER)), notes
+
+
+KIND_ORDER = ("sequential", "replay", "mer", "reptile", "merge", "replay+merge", "joint")
 
 
 @dataclass(frozen=True)
