@@ -122,13 +122,16 @@ def test_every_tracker_holds_the_config_series_and_summary_and_a_resume_adds_no_
         assert wb_summary["summary/avg_final_loss"] == pytest.approx(summary["avg_final_loss"])
         assert wb_summary["summary/forgetting_score"] == pytest.approx(summary["forgetting_score"])
         assert json.loads(next((run / "wandb").glob("offline-run-*/files/summary.json")).read_text())["steps"] == summary["steps"]
+        # the run's own report as an artifact: the loss-matrix heatmap inlined, as `cpt report RUN` writes it
+        report = next((run / "wandb").glob("offline-run-*/files/report.html")).read_text()
+        assert "data:image/png;base64," in report and summary["run"] in report
         # MLflow (file:<run>/mlruns): parameters, the series, the final metrics, summary.json as an artifact
         client, info, ml_series = _mlflow(run)
         assert info.data.params["training.lr"] == "0.003" and info.data.params["tasks.0.name"] == "en"
         assert info.info.status == "FINISHED"
         check(ml_series)
         same(ml_series["summary/avg_final_loss"], [(summary["steps"], summary["avg_final_loss"])])
-        assert "summary.json" in [a.path for a in client.list_artifacts(info.info.run_id)]
+        assert {"summary.json", "report.html"} <= {a.path for a in client.list_artifacts(info.info.run_id)}
         # TensorBoard: hyper-parameters, the series, the final metrics
         hparams, tb_series = _tensorboard(run)
         assert hparams["training.lr"] == pytest.approx(3e-3) and hparams["tasks.1.name"] == "fr"

@@ -410,7 +410,7 @@ class Run:
         }
         if self.is_main:
             atomic.write_json(self.out / "summary.json", summary, indent=2)
-        self.metrics.log_summary(summary)  # the trackers' summary and summary.json, then they close
+        self.metrics.log_summary(summary, self.log)  # the trackers' summary, summary.json and the report, then they close
         if self.buffer is not None:
             self.log(f"replay: waited {self.source.wait_seconds:.3f}s on the prefetcher in {p.step} steps")
         for name, rs in (summary.get("replay_sources") or {}).items():

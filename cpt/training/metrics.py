@@ -47,13 +47,26 @@ class MetricsLog:
         if sys.exc_info()[0] is not None:
             self._close_trackers(failed=True)
 
-    def log_summary(self, summary: dict) -> None:
-        """The summary's numbers and summary.json to every tracker, which are then closed."""
-        artifact = self.path.parent / "summary.json"
+    def log_summary(self, summary: dict, log=print) -> None:
+        """The summary's numbers, summary.json and the run's own report (`<run>/report/report.html`, written here, only
+        when some tracker is open: the figures a tracker's UI does not draw, e.g. the loss-matrix heatmap) to every
+        tracker, which are then closed. A report that cannot be written is said in one line; the run stays finished."""
+        run_dir = self.path.parent
+        artifacts = [run_dir / "summary.json"]
+        if self.trackers:
+            from cpt.report import write_report
+
+            try:
+                artifacts.append(
+                    write_report([run_dir], run_dir / "report", title=f"cpt report: {summary.get('run', run_dir.name)}")["report.html"]
+                )
+            except Exception as err:  # noqa: BLE001 — a figure failing must not fail a finished run
+                log(f"trackers: the run's report was not written ({type(err).__name__}: {err}); summary.json is logged")
         for tracker in self.trackers:
             tracker.log_summary(summary)
-            if artifact.is_file():
-                tracker.log_artifact(artifact)
+            for artifact in artifacts:
+                if artifact.is_file():
+                    tracker.log_artifact(artifact)
         self._close_trackers(failed=False)
 
     def _close_trackers(self, failed: bool) -> None:
@@ -74,7 +87,7 @@ class NoMetrics:
     def close(self) -> None:
         pass
 
-    def log_summary(self, summary: dict) -> None:
+    def log_summary(self, summary: dict, log=print) -> None:
         pass
 
 
