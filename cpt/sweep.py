@@ -128,6 +128,18 @@ def _parsed(key: str, value: Any) -> tuple[list[str], Any, str]:
     return parts, value, f"{key}={value}"
 
 
+def _same_config(saved: Path, config: RunConfig) -> bool:
+    """Whether the config a run directory saved is `config`. Compared after validating it with today's defaults, so a
+    key that a later cpt added with its default (one that changes nothing) does not make a finished run a mismatch."""
+    text = saved.read_text(encoding="utf-8")
+    if text == dump_config(config):
+        return True
+    try:
+        return dump_config(validate(read_yaml_mapping(saved, "config file", "a mapping"), str(saved))) == dump_config(config)
+    except CptError:  # a key that no longer exists, a value no longer allowed: not the same config
+        return False
+
+
 def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool = False, dry_run: bool = False) -> list[dict]:
     """Run every grid point not finished yet; write the table and the scaling report. Returns the rows."""
     sweep = load_sweep(path)
@@ -136,7 +148,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, overwrite: bool =
     print(f"sweep {sweep.name}: {len(sweep.runs)} run(s) in {runs_dir}", file=sys.stderr)
     for r in sweep.runs:  # refuse mismatches before training anything
         saved = runs_dir / r.name / "config.yaml"
-        if saved.is_file() and not overwrite and saved.read_text(encoding="utf-8") != dump_config(r.config):
+        if saved.is_file() and not overwrite and not _same_config(saved, r.config):
             raise CptError(
                 f"{saved}: this run was made with a different config than {sweep.path} now gives; pass --overwrite or use another --out"
             )

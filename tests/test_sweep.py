@@ -77,6 +77,24 @@ def test_two_by_two_sweep_runs_skips_and_resumes_and_reports(small_texts, tmp_pa
         run_sweep(changed, out)
 
 
+def test_a_saved_config_from_before_a_new_defaulted_key_is_the_same_config(small_texts, tmp_path):
+    """A sweep directory made by an older cpt (its config.yaml lacks keys added since, at their defaults) is not a
+    mismatch; a changed value or a key cpt no longer knows is."""
+    from cpt.config import dump_config, validate
+    from cpt.sweep import _same_config
+
+    cfg = validate(tiny_config(small_texts, replay={"rate": 0.25}))
+    older = yaml.safe_load(dump_config(cfg))
+    del older["merge"], older["replay"]["sources"]  # what a config.yaml written before merge and replay sources holds
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(older, sort_keys=False))
+    assert saved.read_text() != dump_config(cfg) and _same_config(saved, cfg)
+    saved.write_text(yaml.safe_dump({**older, "training": {**older["training"], "lr": 1e-4}}, sort_keys=False))
+    assert not _same_config(saved, cfg)
+    saved.write_text(yaml.safe_dump({**older, "retired_section": {}}, sort_keys=False))
+    assert not _same_config(saved, cfg)
+
+
 def test_verdict_follows_the_gains_per_doubling_of_compute():
     def row(preset, params, rate, flops, loss, seed=0):
         return {
