@@ -269,11 +269,14 @@ def prepare_for(
     key_of_source: str | None = None,
     index: int | None = None,
     settings: Settings | None = None,
+    field: str | None = None,
 ) -> TaskTokens | None:
-    """`prepare_task` for one configured task (`tasks.<index>` of a run config, named so in errors); a task of
-    `sources` prepares each source and returns their mixture (None for a `settings.world` > 1 share)."""
+    """`prepare_task` for one configured task (`tasks.<index>` of a run config, or `field` — `replay.sources.0` for a
+    replay source as a task — named so in errors); a task of `sources` prepares each source and returns their mixture
+    (None for a `settings.world` > 1 share)."""
     extra = {"log": log} if log is not None else {}
-    label = f"tasks.{index}" if index is not None else "tasks.N"
+    label = field or (f"tasks.{index}" if index is not None else "tasks.N")
+    named = index is not None or field is not None
 
     def one(part: TaskConfig, where: str | None, key: str | None) -> TaskTokens | None:
         return prepare_task(
@@ -293,7 +296,7 @@ def prepare_for(
         )
 
     if task.sources is None:
-        return one(task, f"{label} ({task.name})" if index is not None else None, key_of_source)
+        return one(task, f"{label} ({task.name})" if named else None, key_of_source)
     parts = [
         one(
             part,

@@ -56,7 +56,7 @@ from cpt.config import GenerateConfig, ReplaySourceConfig, RunConfig, TaskConfig
 from cpt.data.prepare import Settings
 from cpt.data.streams import TaskStream
 from cpt.data.tokenizer import TextTokenizer
-from cpt.data.tokens import TaskTokens, check_token_range, prepare_task, source_key
+from cpt.data.tokens import TaskTokens, check_token_range, prepare_for, source_key
 from cpt.errors import CptError
 from cpt.replay import ownership
 from cpt.replay.mixing import replay_split
@@ -100,21 +100,7 @@ def prepare(
     """Each data source's cache entry (in `proxies` order), made or opened through the tasks' code path (None for a
     `settings.world` > 1 share)."""
     return [
-        prepare_task(
-            s.name,
-            s.path,
-            tokenizer,
-            cache,
-            fmt=s.format,
-            text_field=s.text_field,
-            val_fraction=s.val_fraction,
-            log=log,
-            key_of_source=key,
-            documents=s.documents,
-            where=f"replay.sources.{k} ({s.name})",
-            dtype=s.dtype,
-            settings=settings,
-        )
+        prepare_for(s.as_task(), tokenizer, cache, log=log, key_of_source=key, settings=settings, field=f"replay.sources.{k}")
         for (k, s), key in zip(proxies(cfg), keys)
     ]
 

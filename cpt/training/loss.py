@@ -211,30 +211,8 @@ def causal_lm_loss_in_forward(
     backward starts from. The gradient of the weight lands on the gathered parameter, which FSDP2
     reduce-scatters like any other. Without gradients it is the chunked mean.
     """
-    base = getattr(model, "_orig_mod", model)
-    scale = getattr(base.config, "logit_scale", None)
-    flat_targets = targets.reshape(-1)
-    losses: list[torch.Tensor] = []
-
-    def head_input(head: torch.nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        if scale is not None:
-            hidden = hidden * scale
-        losses.append(linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, flat_targets, chunk))
-        return (args[0][..., :0, :], *args[1:])
-
-    def head_output(head: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return losses[-1]
-
-    handles = [base.lm_head.register_forward_pre_hook(head_input), base.lm_head.register_forward_hook(head_output)]
-    try:
-        loss = model(input_ids=input_ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(losses) != 1:
-        raise RuntimeError(f"{type(base).__name__}: the lm_head ran {len(losses)} times in one forward; expected once")
-    return loss
+    flat = targets.reshape(-1)
+    return _loss_at_head(model, input_ids, lambda hidden, weight: linear_cross_entropy(hidden, weight, flat, chunk), returned=True)
 
 
 @torch.no_grad()
@@ -255,26 +233,36 @@ def causal_lm_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, targets:
     """
     if not _has_fusable_head(model):
         return token_cross_entropy(model(input_ids=input_ids).logits, targets, reduction="sum")
+    flat = targets.reshape(-1)
+    return _loss_at_head(model, input_ids, lambda hidden, weight: linear_cross_entropy_sum(hidden, weight, flat, chunk), returned=False)
+
+
+def _loss_at_head(model: torch.nn.Module, input_ids: torch.Tensor, compute, returned: bool) -> torch.Tensor:
+    """Run the whole model with a forward pre-hook on its lm_head that computes `compute(hidden [B·T, H], weight)` from
+    the final hidden states (times the config's `logit_scale`, if any) with the head's weight as it is at that moment
+    (FSDP2's gathered one), and hands the head zero rows. `returned`: a forward hook also makes that loss the head's
+    output, hence the model's `logits`, which is returned (backward starts from it, as FSDP2's hooks need); else the
+    loss is returned and the model's logits, [B, 0, V], are dropped."""
     base = getattr(model, "_orig_mod", model)
     scale = getattr(base.config, "logit_scale", None)
-    flat_targets = targets.reshape(-1)
-    out: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
 
     def head_input(head: torch.nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        if scale is not None:
-            hidden = hidden * scale
-        out.append(linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), head.weight, flat_targets, chunk))
+        hidden = args[0] if scale is None else args[0] * scale
+        losses.append(compute(hidden.reshape(-1, hidden.size(-1)), head.weight))
         return (args[0][..., :0, :], *args[1:])
 
-    handle = base.lm_head.register_forward_pre_hook(head_input)
+    handles = [base.lm_head.register_forward_pre_hook(head_input)]
+    if returned:
+        handles.append(base.lm_head.register_forward_hook(lambda head, args, output: losses[-1]))
     try:
-        model(input_ids=input_ids)
+        out = model(input_ids=input_ids)
     finally:
-        handle.remove()
-    if len(out) != 1:
-        raise RuntimeError(f"{type(base).__name__}: the lm_head ran {len(out)} times in one forward; expected once")
-    return out[0]
+        for handle in handles:
+            handle.remove()
+    if len(losses) != 1:
+        raise RuntimeError(f"{type(base).__name__}: the lm_head ran {len(losses)} times in one forward; expected once")
+    return out.logits if returned else losses[0]
 
 
 class NextTokenLoss(torch.nn.Module):
