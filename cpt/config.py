@@ -222,7 +222,8 @@ class TrainingConfig(Section):
         86400,
         gt=0,
         description="Under torchrun: how long a rank waits for its node's local rank 0 to tokenize the data (before the process "
-        "group forms; it polls a marker file in `<cache>/ready/`, see docs/distributed.md) before failing.",
+        "group forms; it polls a marker file in `<cache>/ready/`, see docs/distributed.md), or for rank 0 to deal the replay "
+        "buffer to another number of ranks (a marker in the run directory), before failing.",
     )
     dist_timeout_s: Real = Field(
         1800,

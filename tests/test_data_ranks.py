@@ -26,7 +26,7 @@ from cpt.data.tokenizer import load_tokenizer
 from cpt.data.tokens import source_key, split_documents
 from cpt.errors import CptError
 from cpt.training import build
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, free_port, tiny_config
 from tests.test_distributed import _config
 
 
@@ -67,6 +67,47 @@ def test_a_waiter_stops_at_once_when_the_preparing_rank_recorded_a_failure(tmp_p
     with pytest.raises(CptError, match="could not prepare the data: tasks.0 \\(en\\): x.txt: no documents"):
         build.wait_for_marker(marker, 60, rank=1)
     assert time.monotonic() - t0 < 5
+
+
+ON_RANK_0 = """
+import sys, time
+from pathlib import Path
+from cpt.training import build, distributed
+
+distributed.init("cpu", timeout_s=2)  # every collective may wait 2 s at most
+rank = distributed.world_info()[0]
+out, fail = Path(sys.argv[1]), sys.argv[2] == "fail"
+
+def work():
+    time.sleep(5)  # longer than the process group's timeout
+    if fail:
+        raise ValueError("disk full")
+
+try:
+    build.on_rank_0(out, "deal-the-buffer", work, rank, print, wait_s=60)
+except Exception as err:
+    print(f"rank {rank} failed: {err}", flush=True)
+    sys.exit(3)
+print(f"rank {rank} done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_work_on_rank_0_may_outlast_the_process_groups_timeout(tmp_path, fail):
+    """Rank 0 deals a buffer for longer than training.dist_timeout_s: the others wait on a marker, not in a collective,
+    so nothing times out; a failure on rank 0 ends every rank with its message."""
+    script = tmp_path / "on_rank_0.py"
+    script.write_text(ON_RANK_0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
+    proc = subprocess.run([*cmd, str(tmp_path), "fail" if fail else "ok"], capture_output=True, text=True, cwd=ROOT)
+    if not fail:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
+        assert not list(tmp_path.glob(".*.done.json"))  # the marker is gone once every rank has read it
+    else:
+        assert proc.returncode != 0
+        assert "rank 0 failed: disk full" in proc.stdout
+        assert "rank 1 failed: rank 1: rank 0 could not deal the buffer: ValueError: disk full" in proc.stdout
 
 
 def test_the_marker_names_the_launch_and_the_data(small_texts, tmp_path, monkeypatch):

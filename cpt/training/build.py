@@ -290,13 +290,24 @@ def ready_marker(cfg: RunConfig, cache: Path) -> Path:
     return cache / "ready" / f"{name}-{digest}.json"
 
 
-def wait_for_marker(marker: Path, timeout_s: float, rank: int, log=_log, poll_s: float = 1.0, progress_s: float = 60.0) -> dict:
-    """Poll for `marker` (written whole by local rank 0, `cpt.atomic`) and return its record; no collective is involved.
+def wait_for_marker(
+    marker: Path,
+    timeout_s: float,
+    rank: int,
+    log=_log,
+    poll_s: float = 1.0,
+    progress_s: float = 60.0,
+    who: str = "local rank 0",
+    what: str = "prepare the data",
+    hint: str = "check that rank's log, or raise training.data_wait_s when tokenizing takes longer",
+) -> dict:
+    """Poll for `marker` (written whole by `who`, `cpt.atomic`) and return its record; no collective is involved.
 
-    A progress line every `progress_s`; a CptError naming the preparing rank and the marker after
-    `timeout_s` (`training.data_wait_s`), or at once when local rank 0 recorded a failure in it."""
+    A progress line every `progress_s`; a CptError naming the working rank and the marker after
+    `timeout_s` (`training.data_wait_s`), or at once when `who` recorded a failure in it."""
     t0 = time.monotonic()
     next_line = t0 + progress_s
+    where = f" of this node ({socket.gethostname()})" if who == "local rank 0" else ""
     while True:
         try:
             record = json.loads(marker.read_text(encoding="utf-8"))
@@ -304,19 +315,45 @@ def wait_for_marker(marker: Path, timeout_s: float, rank: int, log=_log, poll_s:
             record = None
         if isinstance(record, dict):
             if record.get("error"):
-                raise CptError(f"rank {rank}: local rank 0 of this node could not prepare the data: {record['error']}")
+                raise CptError(f"rank {rank}: {who}{where.split(' (')[0]} could not {what}: {record['error']}")
             return record
         waited = time.monotonic() - t0
         if waited >= timeout_s:
             raise CptError(
-                f"rank {rank}: waited {waited:.0f}s (training.data_wait_s) for local rank 0 of this node ({socket.gethostname()}) "
-                f"to prepare the data, but its readiness marker {marker} did not appear; check that rank's log, "
-                "or raise training.data_wait_s when tokenizing takes longer"
+                f"rank {rank}: waited {waited:.0f}s (training.data_wait_s) for {who}{where} to {what}, but its marker {marker} "
+                f"did not appear; {hint}"
             )
         if time.monotonic() >= next_line:
-            log(f"rank {rank}: waiting for local rank 0 to prepare the data ({waited / 60:.0f} min; marker {marker})")
+            log(f"rank {rank}: waiting for {who} to {what} ({waited / 60:.0f} min; marker {marker})")
             next_line += progress_s
         time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
+
+
+def on_rank_0(out: Path, name: str, work, rank: int, log, wait_s: float) -> None:
+    """Collective: rank 0 runs `work()` (e.g. dealing a replay buffer to another number of ranks: O(buffer), possibly
+    longer than `training.dist_timeout_s`) while the other ranks poll a marker file in `out` (a shared directory: every
+    rank opens its shard there) for up to `wait_s` (`training.data_wait_s`) — no collective waits meanwhile, so the process
+    group's timeout does not bound the work. A failure on rank 0 is recorded in the marker and ends every rank with it.
+    Rank 0 removes a stale marker before a first barrier and the marker after a last one, so none is ever read stale."""
+    marker = out / f".{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.done.json"
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    distributed.barrier()
+    if rank == 0:
+        try:
+            work()
+        except BaseException as err:
+            if distributed.active():
+                atomic.write_json(marker, {"error": f"{type(err).__name__}: {err}"})
+            raise
+        if distributed.active():
+            atomic.write_json(marker, {"done": True})
+    else:
+        what = name.replace("-", " ")
+        wait_for_marker(marker, wait_s, rank, log, who="rank 0", what=what, hint="check rank 0's log")
+    distributed.barrier()
+    if rank == 0:
+        marker.unlink(missing_ok=True)
 
 
 def _open_prepared(cfg: RunConfig, cache: Path, record: dict, log) -> Data:
@@ -570,7 +607,8 @@ def init_source_for(cfg: RunConfig, out: Path, world: int, rank: int, log) -> Pa
     if shards == world:
         return source
     dealt, copy = out / ".replay-init", out / ".replay-init-copy"
-    if rank == 0:
+
+    def deal() -> None:
         for d in (dealt, copy):
             shutil.rmtree(d, ignore_errors=True)  # left by a start killed meanwhile
         for q in range(shards):
@@ -578,7 +616,8 @@ def init_source_for(cfg: RunConfig, out: Path, world: int, rank: int, log) -> Pa
         states = [json.loads((source / f"shard-{q:03d}.meta.json").read_text()) for q in range(shards)]
         remap_buffer(copy, states, dealt, world, ownership.global_capacity_rows(cfg), cfg.seed, log)
         shutil.rmtree(copy)
-    distributed.barrier()
+
+    on_rank_0(out, "deal-replay.buffer.init-to-this-run's-ranks", deal, rank, log, cfg.training.data_wait_s)
     return dealt
 
 
@@ -602,7 +641,8 @@ def remap_buffer_for(cfg: RunConfig, out: Path, found, world: int, rank: int, lo
 
     directory = ownership.buffer_dir(cfg, out)
     replaced = directory.with_name(f".{directory.name}.replaced")
-    if rank == 0:
+
+    def remap() -> None:
         if not directory.exists() and replaced.exists():  # killed between the two renames below
             replaced.rename(directory)
         record = json.loads((directory / REMAP_RECORD).read_text()) if (directory / REMAP_RECORD).is_file() else {}
@@ -623,7 +663,8 @@ def remap_buffer_for(cfg: RunConfig, out: Path, found, world: int, rank: int, lo
             directory.rename(replaced)
             target.rename(directory)
             shutil.rmtree(replaced, ignore_errors=True)
-    distributed.barrier()
+
+    on_rank_0(out, "remap-the-replay-buffer-to-this-number-of-ranks", remap, rank, log, cfg.training.data_wait_s)
     return json.loads((directory / "remap" / f"shard-{rank:03d}.meta.json").read_text())
 
 
