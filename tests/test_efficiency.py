@@ -27,7 +27,11 @@ def test_train_lines_and_summary_report_speed_memory_and_time_shares(small_texts
         assert 0 < shares["train"] < 1 and 0 < shares["eval"] < 1 and sum(shares.values()) <= 1.0001
         assert r["eta_seconds"] >= 0
     assert trains[-1]["eta_seconds"] == 0  # the last line is at the last step
-    assert trains[0]["eta_seconds"] > trains[len(trains) // 2]["eta_seconds"] > 0  # counts down over the whole sequence
+    # the whole sequence's ETA, not the task's: positive at task 0's last line, as long as task 1 is left. (Not compared
+    # between lines: it follows the measured speed, which a busy machine changes from line to line.)
+    end_of_task_0 = [r for r in trains if r["task_index"] == 0][-1]
+    assert end_of_task_0["step"] == summary["task_boundaries"][0] and end_of_task_0["eta_seconds"] > 0
+    assert all(r["eta_seconds"] > 0 for r in trains[:-1])
     eff = summary["efficiency"]
     assert eff["seconds"]["checkpoint"] > 0 and eff["seconds"]["wall"] >= eff["seconds"]["train"] > 0
     assert "eta_seconds" not in eff and eff["time_shares"]["train"] > 0
