@@ -307,7 +307,7 @@ def wait_for_marker(
     `timeout_s` (`training.data_wait_s`), or at once when `who` recorded a failure in it."""
     t0 = time.monotonic()
     next_line = t0 + progress_s
-    where = f" of this node ({socket.gethostname()})" if who == "local rank 0" else ""
+    node = " of this node" if who == "local rank 0" else ""  # a node's own preparing rank; else the job's rank 0
     while True:
         try:
             record = json.loads(marker.read_text(encoding="utf-8"))
@@ -315,12 +315,13 @@ def wait_for_marker(
             record = None
         if isinstance(record, dict):
             if record.get("error"):
-                raise CptError(f"rank {rank}: {who}{where.split(' (')[0]} could not {what}: {record['error']}")
+                raise CptError(f"rank {rank}: {who}{node} could not {what}: {record['error']}")
             return record
         waited = time.monotonic() - t0
         if waited >= timeout_s:
             raise CptError(
-                f"rank {rank}: waited {waited:.0f}s (training.data_wait_s) for {who}{where} to {what}, but its marker {marker} "
+                f"rank {rank}: waited {waited:.0f}s (training.data_wait_s) for {who}{node}{f' ({socket.gethostname()})' if node else ''} "
+                f"to {what}, but its marker {marker} "
                 f"did not appear; {hint}"
             )
         if time.monotonic() >= next_line:
