@@ -60,6 +60,21 @@ def test_a_waiter_proceeds_when_the_marker_appears_later(tmp_path):
     assert got == record and time.monotonic() - t0 >= 0.4
 
 
+def test_a_waiter_stops_when_the_working_ranks_heartbeat_goes_silent(tmp_path):
+    """rank 0 killed outright while it deals a buffer writes no marker: the others stop once its heartbeat is older
+    than the limit (training.dist_timeout_s), not after training.data_wait_s."""
+    alive = tmp_path / ".work.alive"
+    alive.touch()
+    os.utime(alive, (time.time() - 100, time.time() - 100))  # last touched 100 s ago
+    t0 = time.monotonic()
+    with pytest.raises(CptError, match=r"rank 1: rank 0 has not been heard from for 1\d\ds .*it has most likely died"):
+        build.wait_for_marker(tmp_path / "m.json", 3600, rank=1, poll_s=0.02, who="rank 0", what="deal", alive=(alive, 50))
+    assert time.monotonic() - t0 < 5
+    alive.touch()  # a live heartbeat: waits on, here until its own (short) timeout
+    with pytest.raises(CptError, match="waited"):
+        build.wait_for_marker(tmp_path / "m.json", 0.2, rank=1, poll_s=0.02, who="rank 0", what="deal", alive=(alive, 50))
+
+
 def test_a_waiter_stops_at_once_when_the_preparing_rank_recorded_a_failure(tmp_path):
     marker = tmp_path / "m.json"
     atomic.write_json(marker, {"error": "tasks.0 (en): x.txt: no documents"})
@@ -84,7 +99,7 @@ def work():
         raise ValueError("disk full")
 
 try:
-    build.on_rank_0(out, "deal-the-buffer", work, rank, print, wait_s=60)
+    build.on_rank_0(out, "deal-the-buffer", work, rank, print, wait_s=60, silent_s=60)
 except Exception as err:
     print(f"rank {rank} failed: {err}", flush=True)
     sys.exit(3)
@@ -103,10 +118,9 @@ def test_work_on_rank_0_may_outlast_the_process_groups_timeout(tmp_path, fail):
     if not fail:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
-        assert not list(tmp_path.glob(".*.done.json"))  # the marker is gone once every rank has read it
+        assert not list(tmp_path.glob(".deal*"))  # the marker and heartbeat are gone once every rank has read them
     else:
         assert proc.returncode != 0
-        assert "rank 0 failed: disk full" in proc.stdout
         assert "rank 1 failed: rank 1: rank 0 could not deal the buffer: ValueError: disk full" in proc.stdout
 
 

@@ -29,8 +29,12 @@ def test_a_kept_buffer_of_another_run_is_refused_and_overwrite_clears_its_own(sm
     with pytest.raises(CptError, match=r"replay.buffer.dir: .*kept holds another run's buffer .*replay.buffer.init"):
         cpt.train(validate(cfg), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    # as if a earlier ran on 2 ranks: a second shard that a start on 1 rank would leave behind as stale rows
+    for f in buf.glob("shard-000.*"):
+        shutil.copyfile(f, buf / f.name.replace("shard-000", "shard-001"))
     # the same run again with --overwrite starts from an empty buffer: same loss matrix, task 0 replays nothing
     again = cpt.train(validate(cfg), tmp_path / "a", overwrite=True)
+    assert not list(buf.glob("shard-001.*"))  # the other rank's shard is gone too
     assert again["replay_fraction"][0] == 0.0 and again["loss_matrix"] == first["loss_matrix"]
     meta = json.loads((buf / "shard-000.meta.json").read_text())
     assert meta["owner"]["run_dir"] == str((tmp_path / "a").resolve())
@@ -104,7 +108,9 @@ def test_buffer_init_from_another_world_size_deals_its_rows_anew(small_texts, tm
     from cpt.replay import ownership
 
     capped = dict(cfg, replay={"rate": 0.25, "buffer": {"init": str(source), "capacity": 100, "capacity_unit": "sequences"}})
-    with pytest.raises(CptError, match=r"^replay.buffer.capacity: this run's buffer holds 100 sequences but the buffer at .* holds all"):
+    with pytest.raises(
+        CptError, match=r"^replay.buffer.capacity: this run's buffer has room for 100 sequences but the buffer at .* for all"
+    ):
         ownership.check_buffers(validate(capped), tmp_path / "d", "id", resume=False, world=2, dtype="uint16")
 
 

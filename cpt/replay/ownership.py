@@ -144,10 +144,12 @@ def check_buffers(cfg: RunConfig, out: Path, run_id: str | None, resume: bool, w
         )
     caps = info["capacity_rows"]
     theirs = None if any(c is None for c in caps) else sum(caps)
-    if info["shards"] != world and theirs != total:
+    # what this run's capacity would have given the source's ranks (each shard has room for one row at least)
+    same = None if total is None else sum(shard_capacity(total, info["shards"], r) for r in range(info["shards"]))
+    if info["shards"] != world and theirs != same:
         raise CptError(
-            f"replay.buffer.capacity: this run's buffer holds {'all sequences' if total is None else f'{total:,} sequences'} "
-            f"but the buffer at replay.buffer.init holds {'all' if theirs is None else f'{theirs:,}'}; use the same capacity"
+            f"replay.buffer.capacity: this run's buffer has room for {'all sequences' if total is None else f'{total:,} sequences'} "
+            f"but the buffer at replay.buffer.init for {'all' if theirs is None else f'{theirs:,}'}; use the same capacity"
         )
     dealt = "" if info["shards"] == world else f"; its {info['shards']} shard(s) are dealt anew to this run's {world} rank(s)"
     log(f"replay: starting from a copy of {source}: {describe(info)}{dealt}")

@@ -24,6 +24,7 @@ import resource
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -300,11 +301,13 @@ def wait_for_marker(
     who: str = "local rank 0",
     what: str = "prepare the data",
     hint: str = "check that rank's log, or raise training.data_wait_s when tokenizing takes longer",
+    alive: tuple[Path, float] | None = None,
 ) -> dict:
     """Poll for `marker` (written whole by `who`, `cpt.atomic`) and return its record; no collective is involved.
 
     A progress line every `progress_s`; a CptError naming the working rank and the marker after
-    `timeout_s` (`training.data_wait_s`), or at once when `who` recorded a failure in it."""
+    `timeout_s` (`training.data_wait_s`), or at once when `who` recorded a failure in it. `alive`: (a heartbeat
+    file `who` touches while it works, the longest silence): a CptError once that file is older than that."""
     t0 = time.monotonic()
     next_line = t0 + progress_s
     node = " of this node" if who == "local rank 0" else ""  # a node's own preparing rank; else the job's rank 0
@@ -318,6 +321,16 @@ def wait_for_marker(
                 raise CptError(f"rank {rank}: {who}{node} could not {what}: {record['error']}")
             return record
         waited = time.monotonic() - t0
+        if alive is not None:
+            try:
+                silent = time.time() - alive[0].stat().st_mtime
+            except OSError:  # not touched yet, or removed as the marker appeared: read the marker again first
+                silent = 0.0
+            if silent > alive[1]:
+                raise CptError(
+                    f"rank {rank}: {who} has not been heard from for {silent:.0f}s (its heartbeat {alive[0]}; "
+                    f"training.dist_timeout_s {alive[1]:g}s) while it was to {what}: it has most likely died; check its log"
+                )
         if waited >= timeout_s:
             raise CptError(
                 f"rank {rank}: waited {waited:.0f}s (training.data_wait_s) for {who}{node}{f' ({socket.gethostname()})' if node else ''} "
@@ -330,31 +343,58 @@ def wait_for_marker(
         time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
 
 
-def on_rank_0(out: Path, name: str, work, rank: int, log, wait_s: float) -> None:
+HEARTBEAT_S = 10.0  # how often rank 0 says it is alive while it works alone (on_rank_0)
+
+
+def on_rank_0(out: Path, name: str, work, rank: int, log, wait_s: float, silent_s: float, poll_s: float = 1.0) -> None:
     """Collective: rank 0 runs `work()` (e.g. dealing a replay buffer to another number of ranks: O(buffer), possibly
     longer than `training.dist_timeout_s`) while the other ranks poll a marker file in `out` (a shared directory: every
-    rank opens its shard there) for up to `wait_s` (`training.data_wait_s`) — no collective waits meanwhile, so the process
-    group's timeout does not bound the work. A failure on rank 0 is recorded in the marker and ends every rank with it.
-    Rank 0 removes a stale marker before a first barrier and the marker after a last one, so none is ever read stale."""
-    marker = out / f".{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.done.json"
+    rank opens its shard there) for up to `wait_s` (`training.data_wait_s`) — no collective waits meanwhile, so the
+    process group's timeout does not bound the work.
+
+    A failure on rank 0 is recorded in the marker (rank 0 then lingers a few polls so the others read it before
+    torchrun stops them) and ends every rank with its message. While it works, rank 0 touches a heartbeat file every
+    `HEARTBEAT_S`; a rank that finds it older than `silent_s` (`training.dist_timeout_s`: as long as a collective would
+    have waited for a dead peer) stops, saying rank 0 has gone. Rank 0 removes stale files before a first barrier and
+    its files after a last one, so none is ever read stale."""
+    stem = out / f".{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
+    marker, alive = stem.with_name(stem.name + ".done.json"), stem.with_name(stem.name + ".alive")
     if rank == 0:
         marker.unlink(missing_ok=True)
+        alive.unlink(missing_ok=True)
     distributed.barrier()
+    what = name.replace("-", " ")
     if rank == 0:
+        if not distributed.active():
+            work()
+            return
+        alive.touch()
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                alive.touch()
+
+        beating = threading.Thread(target=beat, name="cpt-heartbeat", daemon=True)
+        beating.start()
         try:
             work()
-        except BaseException as err:
-            if distributed.active():
-                atomic.write_json(marker, {"error": f"{type(err).__name__}: {err}"})
-            raise
-        if distributed.active():
             atomic.write_json(marker, {"done": True})
+        except BaseException as err:
+            stop.set()
+            atomic.write_json(marker, {"error": str(err) if isinstance(err, CptError) else f"{type(err).__name__}: {err}"})
+            time.sleep(3 * poll_s)  # the others read it before torchrun, seeing this rank exit, stops them
+            raise
+        finally:
+            stop.set()
+            beating.join()
     else:
-        what = name.replace("-", " ")
-        wait_for_marker(marker, wait_s, rank, log, who="rank 0", what=what, hint="check rank 0's log")
+        hint = "check rank 0's log, or raise training.data_wait_s when that work takes longer"
+        wait_for_marker(marker, wait_s, rank, log, poll_s, who="rank 0", what=what, hint=hint, alive=(alive, silent_s))
     distributed.barrier()
     if rank == 0:
         marker.unlink(missing_ok=True)
+        alive.unlink(missing_ok=True)
 
 
 def _open_prepared(cfg: RunConfig, cache: Path, record: dict, log) -> Data:
@@ -572,6 +612,10 @@ def buffer_for(
             raise CptError(f"{directory}: buffer rows hold {buffer.row_len} tokens but training.seq_len + 1 = {row_len}")
     else:
         remove_shard(directory, rank)  # a stale shard of this run directory (never another run's)
+        if rank == 0:  # and the shards of more ranks than this start has (a restart from scratch on fewer): stale rows
+            for meta in directory.glob("shard-[0-9][0-9][0-9].meta.json"):
+                if int(meta.name[6:9]) >= world:
+                    remove_shard(directory, int(meta.name[6:9]))
         if bc.init:
             source = init_source_for(cfg, out, world, rank, log)  # collective
             copy_shard(source, directory, rank)
@@ -600,7 +644,8 @@ def init_source_for(cfg: RunConfig, out: Path, world: int, rank: int, log) -> Pa
     wrote it as this run has; else (collective) rank 0 copies its shards (the directory is only read: opening a
     shard to deal its rows could rewrite its metadata) and deals their rows to `world` shards in `<out>/.replay-init`
     (`cpt.replay.remap`: every stored row kept, capacities split as this run's, counters shared out), the others
-    wait; the caller removes it once every rank has its copy. Cost: two passes over the buffer, on rank 0, once."""
+    wait; the caller removes it once every rank has its copy. Cost: two passes over the buffer, on rank 0, once; disk:
+    up to twice the buffer's stored rows meanwhile (the copy, then the dealt shards and every rank's copy of its own)."""
     from cpt.replay.remap import remap_buffer
 
     source = Path(cfg.replay.buffer.init)
@@ -612,13 +657,18 @@ def init_source_for(cfg: RunConfig, out: Path, world: int, rank: int, log) -> Pa
     def deal() -> None:
         for d in (dealt, copy):
             shutil.rmtree(d, ignore_errors=True)  # left by a start killed meanwhile
-        for q in range(shards):
-            copy_shard(source, copy, q)
-        states = [json.loads((source / f"shard-{q:03d}.meta.json").read_text()) for q in range(shards)]
-        remap_buffer(copy, states, dealt, world, ownership.global_capacity_rows(cfg), cfg.seed, log)
-        shutil.rmtree(copy)
+        try:
+            for q in range(shards):
+                copy_shard(source, copy, q)
+            states = [json.loads((source / f"shard-{q:03d}.meta.json").read_text()) for q in range(shards)]
+            remap_buffer(copy, states, dealt, world, ownership.global_capacity_rows(cfg), cfg.seed, log)
+        except BaseException:
+            shutil.rmtree(dealt, ignore_errors=True)  # a failed deal leaves no copy of the buffer behind
+            raise
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
 
-    on_rank_0(out, "deal-replay.buffer.init-to-this-run's-ranks", deal, rank, log, cfg.training.data_wait_s)
+    on_rank_0(out, "deal-replay.buffer.init-to-this-run's-ranks", deal, rank, log, cfg.training.data_wait_s, cfg.training.dist_timeout_s)
     return dealt
 
 
@@ -665,7 +715,9 @@ def remap_buffer_for(cfg: RunConfig, out: Path, found, world: int, rank: int, lo
             target.rename(directory)
             shutil.rmtree(replaced, ignore_errors=True)
 
-    on_rank_0(out, "remap-the-replay-buffer-to-this-number-of-ranks", remap, rank, log, cfg.training.data_wait_s)
+    on_rank_0(
+        out, "remap-the-replay-buffer-to-this-number-of-ranks", remap, rank, log, cfg.training.data_wait_s, cfg.training.dist_timeout_s
+    )
     return json.loads((directory / "remap" / f"shard-{rank:03d}.meta.json").read_text())
 
 
