@@ -5,7 +5,7 @@ import pytest
 
 from cpt.data.readers import iter_documents
 from cpt.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
-from cpt.data.tokens import is_validation, prepare_task
+from cpt.data.tokens import is_validation, prepare_task, source_key
 from cpt.errors import CptError
 from tests.conftest import corpus_docs
 
@@ -93,6 +93,10 @@ def test_bad_sources_name_the_file(tok, tmp_path):
         prepare_task("x", bad, tok, tmp_path, where="tasks.1 (x)", **quiet)
     with pytest.raises(CptError, match=r"bad.jsonl:2: no 'text' field \(set replay.sources.0.text_field\)$"):
         list(iter_documents(bad, where="replay.sources.0.path"))
+    odd = tmp_path / "web.foo"  # an unknown format is found when the source's content key is made, before any reading
+    odd.write_text("text\n")
+    with pytest.raises(CptError, match=r"web.foo: unknown data format.*replay.sources.0.format"):
+        source_key(odd, "auto", "text", where="replay.sources.0.path")
 
 
 def test_non_utf8_documents_are_skipped_and_counted(tok, tmp_path, small_texts):

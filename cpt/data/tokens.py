@@ -97,6 +97,11 @@ def source_key(
     hash each file's name (relative to their common folder), format and fingerprint in reading order,
     so renaming, reordering, adding or removing a shard changes the key. `documents: lines` is part
     of the key (it splits the same bytes into other documents); `auto` and `blank-lines` read alike."""
+    with naming(where.removesuffix(".path") if where.endswith(".path") else "tasks.N"):  # errors name `where`'s field
+        return _source_key(path, fmt, text_field, cache, documents, where)
+
+
+def _source_key(path: str | Path | list, fmt: str, text_field: str, cache: Path | None, documents: str, where: str) -> str:
     files = expand_sources(path, where)
     h = hashlib.sha256()
     if len(files) == 1 and len(data_files(files[0], fmt)) == 1:
