@@ -187,6 +187,9 @@ def test_report_has_an_across_seeds_section_with_two_seeds_and_not_with_one(tmp_
     html = (tmp_path / "report2" / "report.html").read_text()
     assert "<h2>Across seeds</h2>" in html and '<td class="t">holds</td>' in html
     assert "<em>holds</em> when" in html and "*holds*" not in html  # the how-to-read's emphasis, rendered
+    from cpt.report.render import _inline
+
+    assert _inline("`runs/*/a/*` and *this*") == "<code>runs/*/a/*</code> and <em>this</em>"  # never inside code
     md = write_report(_runs(tmp_path / "one", (0,)), tmp_path / "report1")["report.md"].read_text()
     assert "Across seeds" not in md and "## Summary" in md
 

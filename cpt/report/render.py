@@ -124,8 +124,11 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
 
 def _inline(text: str) -> str:
     """Markdown's inline `code` and *emphasis* as HTML (the Markdown report shows them as written)."""
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
-    return re.sub(r"(?<![\w*])\*(?=\S)([^*<>]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", out)
+    parts = re.split(r"`([^`]+)`", html.escape(text))  # even: prose, odd: code spans (never emphasised)
+    return "".join(
+        f"<code>{p}</code>" if i % 2 else re.sub(r"(?<![\w*])\*(?=\S)([^*<>]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", p)
+        for i, p in enumerate(parts)
+    )
 
 
 def to_html(title: str, blocks: list[Block], image_dir: Path) -> str:
