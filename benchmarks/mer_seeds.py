@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/demo3"), help="where `cpt demo --seeds N --out` wrote its runs")
     ap.add_argument("--quick", action="store_true", help="the --quick demo scale (tiny preset)")
     args = ap.parse_args()
-    stem = f"mer-k{args.k}" + ("" if args.beta == REPTILE["beta"] else f"-b{args.beta:g}")
+    stem = f"mer-k{args.k}" + ("" if args.beta == REPTILE["beta"] else f"-b{args.beta:g}") + ("-quick" if args.quick else "")
     runs = []
     for seed in range(args.seeds):
         cfg = demo_config("mer", args.quick)
