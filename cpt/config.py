@@ -140,23 +140,26 @@ class TaskConfig(Section):
         """The task's sources as single-corpus tasks (itself when it has `path`): what is prepared, each with its own cache entry."""
         if self.sources is None:
             return [self]
-        return [
-            TaskConfig(
-                name=f"{self.name}[{i}]",
-                path=s.path,
-                tokens=self.tokens,
-                format=s.format,
-                dtype=s.dtype,
-                text_field=s.text_field,
-                val_fraction=self.val_fraction,
-                documents=s.documents,
-            )
-            for i, s in enumerate(self.sources)
-        ]
+        return [single_corpus_task(f"{self.name}[{i}]", s, self.tokens, self.val_fraction) for i, s in enumerate(self.sources)]
 
     @property
     def weights(self) -> list[float] | None:
         return None if self.sources is None else [s.weight for s in self.sources]
+
+
+def single_corpus_task(name: str, corpus, tokens: int, val_fraction: float) -> TaskConfig:
+    """A task of one corpus, read as `corpus` says (path, format, dtype, text_field, documents): a source of a mixed
+    task (`TaskConfig.parts`) or a replay source (`ReplaySourceConfig.as_task`), prepared through the tasks' code path."""
+    return TaskConfig(
+        name=name,
+        path=corpus.path,
+        tokens=tokens,
+        format=corpus.format,
+        dtype=corpus.dtype,
+        text_field=corpus.text_field,
+        val_fraction=val_fraction,
+        documents=corpus.documents,
+    )
 
 
 class PrepareConfig(Section):
@@ -401,16 +404,7 @@ class ReplaySourceConfig(Section):
 
     def as_task(self) -> TaskConfig:
         """The source as a single-corpus task: what is prepared (its own cache entry, through the tasks' code path)."""
-        return TaskConfig(
-            name=self.name,
-            path=self.path,
-            tokens=self.tokens,
-            format=self.format,
-            dtype=self.dtype,
-            text_field=self.text_field,
-            val_fraction=self.val_fraction,
-            documents=self.documents,
-        )
+        return single_corpus_task(self.name, self, self.tokens, self.val_fraction)
 
 
 class ReplayConfig(Section):
