@@ -47,7 +47,9 @@ def _log(msg: str) -> None:
 class Run:
     """One training run: `__init__` builds its parts (setup), `run()` trains them (fit) to the summary."""
 
-    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, log=_log, replay_task_offset: int = 0, run_id: str | None = None):
+    def __init__(
+        self, cfg: RunConfig, out: Path, resume: bool = False, log=_log, replay_task_offset: int | None = None, run_id: str | None = None
+    ):
         self.cfg, self.out, self.resume, self.run_id = cfg, out, resume, run_id
         self.rank, self.world, local_rank = distributed.world_info()
         self.is_main = self.rank == 0
@@ -65,7 +67,7 @@ class Run:
         self.model, self.parallel = build.model_and_parallel(cfg, data, self.device, self.autocast_dtype, self.world, log)
         self.n_params, self.shape = count_parameters(self.model), flops.shape_of(self.model)
         self.streams, self.row_names, budgets = build.streams_for(cfg, self.tasks, self.rank, self.world)
-        if replay_task_offset < len(cfg.replay.sources):  # a caller that did not count the sources' task ids
+        if replay_task_offset is None:  # a new run: buffer.init's task ids, then one per replay source (a resume passes run.json's)
             replay_task_offset = replay_sources.task_offset(cfg)
         self.replay_task_offset = replay_task_offset
         vocab = self.model.get_input_embeddings().weight.shape[0]
