@@ -87,6 +87,7 @@ class Run:
     boundaries: list[float] | None
     evals: list[dict[str, Any]]
     probes: list[dict[str, Any]]
+    config: dict[str, Any] | None = None  # its config.yaml (None when missing or unreadable): labels and seeds read it
 
     @property
     def joint(self) -> bool:
@@ -214,6 +215,7 @@ def load_run(path: Path) -> Run:
         [float(x) for x in b] if ok else None,
         of_type("eval", "losses"),
         of_type("probe", "cosine"),
+        _read_config(path),
     )
 
 
@@ -377,29 +379,27 @@ def _replay_source_blocks(r: Run) -> list[Block]:
     ]
 
 
-def _config_of(r: Run) -> dict | None:
-    """The run's saved config.yaml as a mapping (None when missing or unreadable), read once per run."""
-    if not hasattr(r, "_config"):
-        import yaml  # why here: only the labels and the seeds section read the configs
+def _read_config(path: Path) -> dict | None:
+    """A run's saved config.yaml as a mapping (None when missing or unreadable: the report still works without it)."""
+    import yaml
 
-        try:
-            config = yaml.safe_load((r.path / "config.yaml").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            config = None
-        r._config = config if isinstance(config, dict) else None
-    return r._config
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _label(r: Run) -> str:
     """The strategy column: the method and its settings ("replay α=0.25", "MER (replay α=0.25 + Reptile k=5 β=0.7)"),
     the same label the across-seeds tables use, not the summary's training.strategy (sequential for all of those)."""
-    return seeds.strategy_label({**r.summary, "config": _config_of(r)})
+    return seeds.strategy_label({**r.summary, "config": r.config})
 
 
 def _seed_summaries(runs: list[Run]) -> list[dict[str, Any]]:
     """Each run's summary for `seeds.report_blocks`, under its report name and with its saved config.yaml (the seed and
     the Reptile and merge settings the summary lacks); a missing or unreadable config.yaml is just left out."""
-    return [{**r.summary, "run": r.name, "config": _config_of(r)} for r in runs]
+    return [{**r.summary, "run": r.name, "config": r.config} for r in runs]
 
 
 def write_report(run_dirs: list[Path], out: Path, title: str = "cpt report") -> dict[str, Path]:
